@@ -1,0 +1,464 @@
+"""The shared core: predictors, the running correlation matrix, the losses, and a few helpers.
+
+Map to the paper (Halvagal, Laborieux & Zenke, "Implicit variance regularization in
+non-contrastive SSL", NeurIPS 2023) and to ../shared/SPEC.md:
+
+  cosine_loss, euclidean_loss        SPEC 3: L_cos = 2 - 2 cos(p, t), L_euc = |p - t|^2
+  iso_euclidean_loss, iso_cosine_loss SPEC 3: IsoLoss, the same gradient with W_P^T removed
+  symmetric_loss                      SPEC 1: both view orders, summed (not averaged)
+  MLPPredictor, LinearPredictor       SPEC 2: BYOL/SimSiam predictor; learnable W (Fig. 4)
+  ClosedFormPredictor                 SPEC 2: DirectPred / DirectCopy, W_P = U diag(s_hat^a) U^T
+  participation_ratio, normalized_std, eigenvector_alignment: what the runs log (SPEC 6)
+  resnet18, load_dataset, eval_transform: the backbone and data shared by training and evaluation
+  pick_device, atomic_save, load_checkpoint, Progress: plumbing every script needs
+
+Conventions: a batch is (B, d); every loss is a per-sample loss averaged over the batch; the
+target t is detached inside the loss (stop-gradient), except where `stop_grad=False` asks for
+the no-stop-gradient ablation. Eigenvalues are in ascending order, as torch.linalg.eigh gives them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Losses (SPEC section 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def cosine_loss(p: torch.Tensor, t: torch.Tensor, stop_grad: bool = True) -> torch.Tensor:
+    """2 - 2 cos(p, t), averaged over the batch; t is detached unless stop_grad=False."""
+    if stop_grad:
+        t = t.detach()
+    return (2 - 2 * (F.normalize(p, dim=-1) * F.normalize(t, dim=-1)).sum(-1)).mean()
+
+
+def euclidean_loss(p: torch.Tensor, t: torch.Tensor, stop_grad: bool = True) -> torch.Tensor:
+    """|p - t|^2 (summed over features), averaged over the batch; t detached unless asked."""
+    if stop_grad:
+        t = t.detach()
+    return (p - t).pow(2).sum(-1).mean()
+
+
+def iso_euclidean_loss(z: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """IsoLoss, Euclidean: |z - sg(t + z - p)|^2.
+
+    Its value is |p - t|^2, but the gradient reaches z directly, as 2 (p - t), instead of
+    through the predictor, as 2 W_P^T (p - t): every eigenmode learns at the same speed.
+    """
+    return (z - (t + z - p).detach()).pow(2).sum(-1).mean()
+
+
+def iso_cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """IsoLoss, cosine: -2 [ z.t / sg(|p||t|) - 1/2 sg(p.t / (|p|^3 |t|)) |p_sqrt|^2 ].
+
+    p = W_P z and p_sqrt = W_P^(1/2) z, so d|p_sqrt|^2/dz = 2 p and the gradient is
+    -2 [t / (|p||t|) - (p.t) p / (|p|^3 |t|)]: the cosine gradient with W_P^T removed.
+    The value is not a similarity; log cosine_loss(p, t) beside it.
+    """
+    t = t.detach()
+    p_norm = p.norm(dim=-1).clamp_min(1e-12)
+    t_norm = t.norm(dim=-1).clamp_min(1e-12)
+    attract = (z * t).sum(-1) / (p_norm * t_norm).detach()
+    scale = ((p * t).sum(-1) / (p_norm.pow(3) * t_norm)).detach()
+    return (-2 * (attract - 0.5 * scale * p_sqrt.pow(2).sum(-1))).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictors (SPEC section 2)
+# ---------------------------------------------------------------------------------------------
+
+
+class MLPPredictor(nn.Sequential):
+    """BYOL/SimSiam predictor: Linear(d, h) - BatchNorm1d(h) - ReLU - Linear(h, d)."""
+
+    def __init__(self, dim: int = 256, hidden: int = 4096):
+        super().__init__(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+class LinearPredictor(nn.Linear):
+    """A learnable d x d matrix W without bias: p = W z (its eigenvectors are Fig. 4's subject)."""
+
+    def __init__(self, dim: int = 256):
+        super().__init__(dim, dim, bias=False)
+
+
+# DirectPred and DirectCopy as in the authors' released config.
+CLOSED_FORM = {"directpred": dict(alpha=0.5, eps=0.0), "directcopy": dict(alpha=1.0, eps=0.25)}
+
+
+class ClosedFormPredictor(nn.Module):
+    """W_P = U diag(s_hat^alpha) U^T from a running correlation matrix C of the online outputs.
+
+    update(z) folds a detached batch into C <- tau C + (1 - tau) Z^T Z / B (not centred), then
+    eigendecomposes C once (eigh, float64) and caches W_P and W_P^(1/2); calling the module
+    returns (p, p_sqrt) = (W_P z, W_P^(1/2) z). W_P is a constant for autograd.
+
+    Edge cases, by design: before the first update, and whenever C is all zeros, W_P = I (the
+    normalisation s / max(s) is undefined there). A rank-deficient C is fine: with eps = 0 its
+    null directions get 0 in W_P. Negative eigenvalues from round-off are clipped at 0.
+    NaN or Inf in z raise FloatingPointError before C is touched, so C stays the last good one.
+    Under torch.distributed the batch term is averaged over ranks first: every rank holds the same C.
+    """
+
+    def __init__(self, dim: int = 256, alpha: float = 0.5, eps: float = 0.0, tau: float = 0.998):
+        super().__init__()
+        if alpha <= 0 or eps < 0 or not 0 <= tau < 1:
+            raise ValueError(f"ClosedFormPredictor needs alpha > 0, eps >= 0, 0 <= tau < 1; got {alpha=}, {eps=}, {tau=}")
+        self.alpha, self.eps, self.tau = alpha, eps, tau
+        self.register_buffer("C", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("eigvals", torch.zeros(dim, dtype=torch.float64))
+        # Kept in float64 (they are tiny) and cast to the input's dtype in forward.
+        self.register_buffer("W", torch.eye(dim, dtype=torch.float64))
+        self.register_buffer("W_sqrt", torch.eye(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        z = z.detach().to(torch.float64)
+        batch = z.T @ z / z.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch)
+            batch /= dist.get_world_size()
+        # One host sync per step; eigh below synchronises on CUDA anyway. Checked after the
+        # all-reduce so that every rank raises together instead of one rank hanging.
+        if not torch.isfinite(batch).all():
+            raise FloatingPointError("ClosedFormPredictor.update: the projector outputs contain NaN or Inf; C was left unchanged")
+        self.C.mul_(self.tau).add_(batch, alpha=1 - self.tau)
+        s, U = torch.linalg.eigh(self.C)
+        self.eigvals.copy_(s)
+        s_max = s.max()
+        # torch.where instead of `if s_max > 0` keeps this free of another host sync.
+        s_hat = torch.where(s_max > 0, s.clamp_min(0) / s_max, torch.ones_like(s)) + self.eps
+        self.W.copy_((U * s_hat.pow(self.alpha)) @ U.T)
+        self.W_sqrt.copy_((U * s_hat.pow(self.alpha / 2)) @ U.T)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # W_P is symmetric, so z @ W_P is (W_P z^T)^T row by row.
+        return z @ self.W.to(z.dtype), z @ self.W_sqrt.to(z.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, tau={self.tau}"
+
+
+PREDICTORS = ("mlp", "linear", "directpred", "directcopy", "none")
+
+
+def build_predictor(kind: str, dim: int = 256, hidden: int = 4096, tau: float = 0.998,
+                    alpha: float | None = None, eps: float | None = None) -> nn.Module:
+    """One of PREDICTORS; alpha/eps default to the DirectPred/DirectCopy presets. 'none' is the ablation."""
+    if kind == "mlp":
+        return MLPPredictor(dim, hidden)
+    if kind == "linear":
+        return LinearPredictor(dim)
+    if kind == "none":
+        return nn.Identity()
+    if kind in CLOSED_FORM:
+        preset = CLOSED_FORM[kind]
+        return ClosedFormPredictor(dim, preset["alpha"] if alpha is None else alpha,
+                                   preset["eps"] if eps is None else eps, tau)
+    raise ValueError(f"unknown predictor {kind!r}; choose one of {', '.join(PREDICTORS)}")
+
+
+def check_isoloss(predictor: nn.Module) -> None:
+    """IsoLoss is only defined for a closed-form predictor: raise a ValueError that says why."""
+    if not isinstance(predictor, ClosedFormPredictor):
+        raise ValueError("IsoLoss needs a closed-form predictor (directpred or directcopy): it removes the factor "
+                         f"W_P^T from the gradient, which needs a symmetric linear W_P; got {type(predictor).__name__}")
+
+
+def symmetric_loss(loss: str, isoloss: bool, predictor: nn.Module, z1: torch.Tensor, z2: torch.Tensor,
+                   t1: torch.Tensor, t2: torch.Tensor, stop_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of p1 toward t2 plus loss of p2 toward t1 (summed, SPEC section 1).
+
+    Returns (loss to minimise, plain cosine loss of the same pairs, detached, for logging).
+    A ClosedFormPredictor must have been updated for this step already (update, then predict).
+    """
+    if loss not in ("cosine", "euclidean"):
+        raise ValueError(f"unknown loss {loss!r}; choose cosine or euclidean")
+    if isoloss:
+        check_isoloss(predictor)
+        if not stop_grad:
+            raise ValueError("IsoLoss is built from stop-gradients; it has no no-stop-gradient variant")
+    total, plain = 0.0, 0.0
+    for z, t in ((z1, t2), (z2, t1)):
+        out = predictor(z)
+        p, p_sqrt = out if isinstance(out, tuple) else (out, None)
+        if isoloss:
+            total = total + (iso_cosine_loss(z, p, p_sqrt, t) if loss == "cosine" else iso_euclidean_loss(z, p, t))
+        else:
+            fn = cosine_loss if loss == "cosine" else euclidean_loss
+            total = total + fn(p, t, stop_grad=stop_grad)
+        plain = plain + cosine_loss(p.detach(), t)
+    return total, plain
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectrum helpers (what the deep runs log, SPEC section 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def participation_ratio(s: torch.Tensor) -> float:
+    """(sum s)^2 / sum s^2: the effective number of dimensions a spectrum uses (1 to len(s))."""
+    s = s.double().clamp_min(0)
+    return float(s.sum() ** 2 / s.pow(2).sum().clamp_min(1e-300))
+
+
+def normalized_std(z: torch.Tensor) -> torch.Tensor:
+    """Std over the batch of l2-normalised outputs, averaged over features.
+
+    Collapse indicator: about 1/sqrt(d) for healthy, spread-out outputs, 0 when collapsed.
+    Returned as a tensor so callers decide when to synchronise.
+    """
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+def eigenvector_alignment(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """For each eigenvector u of C (ascending eigenvalue), cos(u, W u); all ones when W shares C's eigenbasis."""
+    _, U = torch.linalg.eigh(C.double())
+    WU = W.double() @ U
+    return (U * WU).sum(0) / WU.norm(dim=0).clamp_min(1e-300)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone and data, shared by the training scripts and linear_eval.py (SPEC section 6)
+# ---------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or inp != out:
+            self.downsample = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with torchvision's parameter names, so that at width 1 its state_dict loads
+    strictly into torchvision.models.resnet18() after the same stem change and fc = Identity.
+
+    small_stem (32 and 64 pixel inputs): first conv 3x3 stride 1, no max-pool. width scales the
+    channels (64, 128, 256, 512) for CPU trials; out_dim = 512 * width is the feature size.
+    """
+
+    def __init__(self, width: float = 1.0, small_stem: bool = True):
+        super().__init__()
+        c = [max(1, round(k * width)) for k in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False) if small_stem else nn.Conv2d(3, c[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
+        inp = c[0]
+        for i, (out, stride) in enumerate(zip(c, (1, 2, 2, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(inp, out, stride), BasicBlock(out, out, 1)))
+            inp = out
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+        self.out_dim = c[3]
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def resnet18(width: float = 1.0, small_stem: bool = True) -> ResNet18:
+    return ResNet18(width, small_stem)
+
+
+# Default crop size of each data set (the native resolution; imagefolder is resized to it).
+CROP_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tinyimagenet": 64, "imagefolder": 64}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(RuntimeError):
+    """A data set that is missing or unreadable; the message says where we looked and what to do."""
+
+
+def eval_transform(dataset: str, crop: int):
+    """Test-time view: native-size data sets as they are; imagefolder resized and centre-cropped."""
+    from torchvision import transforms as T
+    resize = [T.Resize(round(crop * 8 / 7)), T.CenterCrop(crop)] if dataset == "imagefolder" else []
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def _present(cls):
+    # torchvision compares MD5 sums with the official files; with md5 None its own check_integrity
+    # only requires the files to exist, so that copies in the same format (the tests write tiny
+    # ones) load through the same reader. The downloaded archive is still checked against its MD5,
+    # and a corrupt file still fails while it is read, with a DataError.
+    attrs = {k: [[f, None] for f, *_ in getattr(cls, k)] for k in ("train_list", "test_list")}
+    if hasattr(cls, "meta"):
+        attrs["meta"] = {**cls.meta, "md5": None}
+    return type(cls.__name__, (cls,), attrs)
+
+
+_OFFICIAL = {
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"),
+    "stl10": ("stl10_binary", "stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/"),
+}
+
+
+def load_dataset(name: str, root: str | Path, split: str, transform=None, download: bool = False):
+    """A torchvision data set. split: 'pretrain' (STL-10: train+unlabeled, labels -1 for the
+    unlabeled part), 'train' (labelled), 'test' (test split; imagefolder/tinyimagenet: val).
+
+    cifar10/cifar100/stl10: torchvision's readers under root. tinyimagenet: root is the extracted
+    tiny-imagenet-200 (its val/ is read through val_annotations.txt, or as class folders).
+    imagefolder: root/train/<class>/* and root/val/<class>/*. Raises DataError with what to do.
+    """
+    import torchvision.datasets as D
+    if split not in ("pretrain", "train", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    root = Path(root)
+    if name in _OFFICIAL:
+        folder, archive = _OFFICIAL[name]
+        if not download and not (root / folder).is_dir():
+            raise DataError(f"{name} not found: expected {root / folder}/. Pass --download (needs internet) or "
+                            f"extract {archive} into {root}/")
+        try:
+            if name == "stl10":
+                stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+                return _present(D.STL10)(str(root), split=stl_split, transform=transform, download=download)
+            cls = _present(D.CIFAR10 if name == "cifar10" else D.CIFAR100)
+            return cls(str(root), train=split != "test", transform=transform, download=download)
+        except DataError:
+            raise
+        except Exception as e:  # download failures, missing or unreadable files
+            raise DataError(f"{name} under {root} could not be loaded ({type(e).__name__}: {e}). Without internet, "
+                            f"extract {archive} into {root}/ by hand") from e
+    if name in ("tinyimagenet", "imagefolder"):
+        sub = root / ("val" if split == "test" else "train")
+        hint = ("extract tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) and pass its folder"
+                if name == "tinyimagenet" else "make DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg and pass DIR")
+        if download:
+            raise DataError(f"{name} cannot be downloaded by this script: {hint} as --data-dir")
+        if not sub.is_dir():
+            raise DataError(f"{name} not found: expected {sub}/ with one folder per class; {hint} as --data-dir")
+        try:
+            if name == "tinyimagenet" and split == "test" and (sub / "val_annotations.txt").is_file():
+                return _tiny_imagenet_val(root, transform)
+            return D.ImageFolder(str(sub), transform=transform)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{name} under {sub} could not be read ({e}); {hint} as --data-dir") from e
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(CROP_SIZE)}")
+
+
+def _tiny_imagenet_val(root: Path, transform):
+    """TinyImageNet's official val/ keeps all images in one folder with a label file."""
+    import torchvision.datasets as D
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+    ds = D.ImageFolder(str(root / "train"), transform=transform)  # borrows loader and class list
+    lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
+    ds.samples = [(str(root / "val" / "images" / f), index[c]) for f, c, *_ in (l.split("\t") for l in lines if l)]
+    ds.imgs, ds.targets, ds.root = ds.samples, [y for _, y in ds.samples], str(root / "val")
+    return ds
+
+
+def num_classes(dataset) -> int:
+    return len(dataset.classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file, the fault, and what to do."""
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over path.
+
+    A kill at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """torch.load with weights_only=True; any failure becomes one CheckpointError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read ({first}); it is truncated, corrupt or not a "
+                              "checkpoint of this repository: move it away or point to another file") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict of this repository")
+    return obj
+
+
+class Progress:
+    """Fixed-width progress lines with rate and ETA: `p = Progress(total, "img"); p.line(done, loss=..)`."""
+
+    def __init__(self, total: int, unit: str = "it", start: int = 0):
+        self.total, self.unit, self.start_done, self.t0 = total, unit, start, time.perf_counter()
+
+    def line(self, done: int, **fields) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        return f"{done:>8d}/{self.total:<8d} {extra}  {rate:8.1f} {self.unit}/s  ETA {_hms(eta)}"
+
+    def print(self, done: int, **fields) -> None:
+        print(self.line(done, **fields), flush=True)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def die(message: str, code: int = 2) -> None:
+    """One clear line on stderr and a non-zero exit: how the scripts report bad input."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)

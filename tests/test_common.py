@@ -1,0 +1,292 @@
+"""Tests that pin the math of common.py (SPEC sections 2 and 3), and its shared helpers."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import common as C
+from tiny_data import write_cifar10, write_imagefolder
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """The identities are checked in float64; other test modules keep torch's default."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def fitted_predictor(d=8, alpha=0.5, eps=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred = C.ClosedFormPredictor(d, alpha=alpha, eps=eps, tau=0.0)
+    # Anisotropic outputs so that W_P is far from the identity.
+    pred.update(torch.randn(64, d, generator=g) * torch.linspace(0.2, 3.0, d))
+    return pred
+
+
+def grad_of(loss_fn, z):
+    z = z.clone().requires_grad_(True)
+    loss_fn(z).backward()
+    return z.grad
+
+
+# --- gradient identities (SPEC 3) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha,eps", [(0.5, 0.0), (1.0, 0.25)])
+def test_iso_euclidean_gradient_is_standard_without_WT(alpha, eps):
+    pred = fitted_predictor(alpha=alpha, eps=eps)
+    W = pred.W
+    z, t = torch.randn(16, 8), torch.randn(16, 8)
+    g_std = grad_of(lambda z: C.euclidean_loss(pred(z)[0], t), z)
+    g_iso = grad_of(lambda z: C.iso_euclidean_loss(z, pred(z)[0], t), z)
+    p = z @ W
+    torch.testing.assert_close(g_iso, 2 * (p - t) / len(z))
+    torch.testing.assert_close(g_std, g_iso @ W)  # per sample: W^T g_iso, W symmetric
+    assert not torch.allclose(g_std, g_iso)
+
+
+@pytest.mark.parametrize("alpha,eps", [(0.5, 0.0), (1.0, 0.25)])
+def test_iso_cosine_gradient_is_standard_without_WT(alpha, eps):
+    pred = fitted_predictor(alpha=alpha, eps=eps, seed=1)
+    W = pred.W
+    z, t = torch.randn(16, 8), torch.randn(16, 8)
+    g_std = grad_of(lambda z: C.cosine_loss(pred(z)[0], t), z)
+    g_iso = grad_of(lambda z: C.iso_cosine_loss(z, *pred(z), t), z)
+    p = z @ W
+    pn, tn = p.norm(dim=1, keepdim=True), t.norm(dim=1, keepdim=True)
+    by_hand = -2 * (t / (pn * tn) - (p * t).sum(1, keepdim=True) * p / (pn**3 * tn)) / len(z)
+    torch.testing.assert_close(g_iso, by_hand)
+    torch.testing.assert_close(g_std, g_iso @ W)
+    assert not torch.allclose(g_std, g_iso)
+
+
+def test_no_gradient_reaches_target_or_predictor_matrix():
+    pred = fitted_predictor()
+    z = torch.randn(4, 8, requires_grad=True)
+    t = torch.randn(4, 8, requires_grad=True)
+    for loss in (C.cosine_loss(pred(z)[0], t), C.euclidean_loss(pred(z)[0], t),
+                 C.iso_cosine_loss(z, *pred(z), t), C.iso_euclidean_loss(z, pred(z)[0], t)):
+        assert loss.grad_fn is not None
+        t.grad = None
+        loss.backward()
+        assert t.grad is None
+    assert not pred.W.requires_grad and not any(p.requires_grad for p in pred.buffers())
+
+
+def test_stop_grad_false_lets_gradient_reach_target():
+    z, t = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    C.cosine_loss(z, t, stop_grad=False).backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+# --- loss values (SPEC 3) -----------------------------------------------------------------------
+
+
+def test_loss_values_by_hand():
+    rng = np.random.default_rng(0)
+    p, t, z = rng.normal(size=(5, 3)), rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    cos = (p * t).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(t, axis=1)
+    P, T, Z = map(torch.tensor, (p, t, z))
+    assert C.cosine_loss(P, T).item() == pytest.approx(np.mean(2 - 2 * cos))
+    assert C.euclidean_loss(P, T).item() == pytest.approx(np.mean(((p - t) ** 2).sum(1)))
+    # Euclidean IsoLoss has the value of the Euclidean loss.
+    assert C.iso_euclidean_loss(Z, P, T).item() == pytest.approx(C.euclidean_loss(P, T).item())
+    # Cosine IsoLoss value: -2 [z.t/(|p||t|) - 1/2 (p.t)/(|p|^3|t|) |p_sqrt|^2], with p_sqrt = z here.
+    pn, tn = np.linalg.norm(p, axis=1), np.linalg.norm(t, axis=1)
+    iso = -2 * ((z * t).sum(1) / (pn * tn) - 0.5 * (p * t).sum(1) / (pn**3 * tn) * (z**2).sum(1))
+    assert C.iso_cosine_loss(Z, P, Z, T).item() == pytest.approx(iso.mean())
+
+
+def test_symmetric_loss_sums_both_orders():
+    pred = fitted_predictor()
+    z1, z2, t1, t2 = (torch.randn(6, 8) for _ in range(4))
+    total, plain = C.symmetric_loss("cosine", False, pred, z1, z2, t1, t2)
+    expect = C.cosine_loss(pred(z1)[0], t2) + C.cosine_loss(pred(z2)[0], t1)
+    torch.testing.assert_close(total, expect)
+    torch.testing.assert_close(plain, expect)
+    total, plain = C.symmetric_loss("euclidean", True, pred, z1, z2, t1, t2)
+    torch.testing.assert_close(total, C.euclidean_loss(pred(z1)[0], t2) + C.euclidean_loss(pred(z2)[0], t1))
+    torch.testing.assert_close(plain, expect)  # the plain cosine loss is logged beside IsoLoss
+
+
+def test_isoloss_needs_closed_form_predictor():
+    z = torch.randn(4, 8)
+    for pred in (C.MLPPredictor(8, 16), C.LinearPredictor(8), nn.Identity()):
+        with pytest.raises(ValueError, match="IsoLoss needs a closed-form predictor"):
+            C.symmetric_loss("cosine", True, pred, z, z, z, z)
+    C.check_isoloss(C.build_predictor("directcopy", 8))
+
+
+# --- closed-form predictor (SPEC 2) -------------------------------------------------------------
+
+
+def known_C(d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(40, d, generator=g) * torch.linspace(0.5, 2.0, d)
+    return Z, Z.T @ Z / len(Z)
+
+
+def test_closed_form_against_direct_matrix_powers():
+    Z, Cm = known_C()
+    smax = torch.linalg.eigvalsh(Cm).max()
+    for alpha, expect in ((1.0, Cm / smax), (2.0, Cm @ Cm / smax**2)):
+        pred = C.ClosedFormPredictor(6, alpha=alpha, eps=0.0, tau=0.0)
+        pred.update(Z)
+        torch.testing.assert_close(pred.C, Cm)
+        torch.testing.assert_close(pred.W, expect)
+    pred = C.ClosedFormPredictor(6, alpha=0.5, eps=0.0, tau=0.0)  # DirectPred: W_P^2 = C / max(s)
+    pred.update(Z)
+    torch.testing.assert_close(pred.W @ pred.W, Cm / smax)
+    torch.testing.assert_close(pred.W_sqrt @ pred.W_sqrt, pred.W)
+    torch.testing.assert_close(pred.W, pred.W.T)
+    assert torch.linalg.eigvalsh(pred.W).min() > -1e-12
+    torch.testing.assert_close(pred.eigvals, torch.linalg.eigvalsh(Cm))
+    p, p_sqrt = pred(Z[:3])
+    torch.testing.assert_close(p, Z[:3] @ pred.W)
+    torch.testing.assert_close(p_sqrt, Z[:3] @ pred.W_sqrt)
+
+
+def test_directcopy_is_C_over_max_plus_quarter_identity():
+    Z, Cm = known_C(seed=3)
+    pred = C.build_predictor("directcopy", 6, tau=0.0)
+    pred.update(Z)
+    torch.testing.assert_close(pred.W, Cm / torch.linalg.eigvalsh(Cm).max() + 0.25 * torch.eye(6))
+    assert (pred.alpha, pred.eps) == (1.0, 0.25)
+    dp = C.build_predictor("directpred", 6)
+    assert (dp.alpha, dp.eps, dp.tau) == (0.5, 0.0, 0.998)
+
+
+def test_running_update_of_C():
+    tau = 0.9
+    pred = C.ClosedFormPredictor(3, tau=tau)
+    B1, B2 = torch.tensor([[1.0, 0, 0], [0, 2, 0]]), torch.tensor([[1.0, 1, 1]])
+    pred.update(B1)
+    pred.update(B2)
+    expect = tau * (1 - tau) * (B1.T @ B1 / 2) + (1 - tau) * (B2.T @ B2 / 1)
+    torch.testing.assert_close(pred.C, expect)
+
+
+def test_degenerate_inputs():
+    pred = C.ClosedFormPredictor(4, tau=0.5)
+    z = torch.randn(3, 4)
+    torch.testing.assert_close(pred(z)[0], z)  # before any data: W_P = I
+    pred.update(torch.zeros(5, 4))  # all-zero C: still the identity, no NaN
+    torch.testing.assert_close(pred.W, torch.eye(4))
+    torch.testing.assert_close(pred.W_sqrt, torch.eye(4))
+    pred = C.ClosedFormPredictor(4, alpha=0.5, eps=0.0, tau=0.0)
+    u = torch.tensor([[1.0, 2.0, 0.0, 0.0]])
+    pred.update(u)  # rank one: W_P projects onto u
+    assert torch.isfinite(pred.W).all()
+    torch.testing.assert_close(pred.W, u.T @ u / (u @ u.T))
+    good = pred.C.clone()
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        pred.update(torch.tensor([[float("nan"), 0, 0, 0]]))
+    torch.testing.assert_close(pred.C, good)
+    with pytest.raises(ValueError):
+        C.ClosedFormPredictor(4, alpha=0.0)
+
+
+def _gloo_rank(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    pred = C.ClosedFormPredictor(5, tau=0.5)
+    for step in range(3):
+        z = torch.randn(7, 5, generator=torch.Generator().manual_seed(10 * rank + step))
+        pred.update(z)
+    torch.save({"C": pred.C, "W": pred.W}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_ranks_hold_the_same_C(tmp_path):
+    torch.multiprocessing.spawn(_gloo_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["C"], r1["C"]) and torch.equal(r0["W"], r1["W"])
+    # ... and that C is the one of the averaged batch terms.
+    expect = torch.zeros(5, 5, dtype=torch.float64)
+    for step in range(3):
+        zs = [torch.randn(7, 5, generator=torch.Generator().manual_seed(10 * r + step)).double() for r in (0, 1)]
+        expect = 0.5 * expect + 0.5 * sum(z.T @ z / 7 for z in zs) / 2
+    torch.testing.assert_close(r0["C"], expect)
+
+
+# --- spectrum helpers ---------------------------------------------------------------------------
+
+
+def test_spectrum_helpers():
+    assert C.participation_ratio(torch.ones(4)) == pytest.approx(4.0)
+    assert C.participation_ratio(torch.tensor([5.0, 0, 0, 0])) == pytest.approx(1.0)
+    assert C.normalized_std(torch.ones(32, 16) * 3).item() == pytest.approx(0.0, abs=1e-12)
+    healthy = C.normalized_std(torch.randn(4096, 64)).item()
+    assert healthy == pytest.approx(1 / 8, rel=0.05)
+    _, Cm = known_C()
+    torch.testing.assert_close(C.eigenvector_alignment(Cm @ Cm + torch.eye(6), Cm), torch.ones(6))
+    rot = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))[0]
+    assert C.eigenvector_alignment(rot, Cm).min() < 0.9
+
+
+# --- backbone, data, plumbing -------------------------------------------------------------------
+
+
+def test_resnet18_loads_strictly_into_torchvision():
+    torch.set_default_dtype(torch.float32)
+    try:
+        ours = C.resnet18(width=1.0, small_stem=True)
+        tv = torchvision.models.resnet18()
+        tv.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        tv.maxpool = nn.Identity()
+        tv.fc = nn.Identity()
+        tv.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(2, 3, 32, 32)
+        ours.eval(), tv.eval()
+        torch.testing.assert_close(ours(x), tv(x))
+        assert ours.out_dim == 512
+        small = C.resnet18(width=0.25)
+        assert small(x).shape == (2, 128) and small.out_dim == 128
+        big = C.resnet18(small_stem=False)
+        tv96 = torchvision.models.resnet18()
+        tv96.fc = nn.Identity()
+        tv96.load_state_dict(big.state_dict(), strict=True)
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+def test_load_dataset_real_readers(tmp_path):
+    write_cifar10(tmp_path, n_train_per_class=2, n_test_per_class=1)
+    train = C.load_dataset("cifar10", tmp_path, "train")
+    test = C.load_dataset("cifar10", tmp_path, "test")
+    assert len(train) == 20 and len(test) == 10 and C.num_classes(train) == 10
+    img, label = train[0]
+    assert img.size == (32, 32) and 0 <= label < 10
+    write_imagefolder(tmp_path / "folder", n_classes=3, n_train_per_class=2, n_val_per_class=1)
+    assert len(C.load_dataset("imagefolder", tmp_path / "folder", "test")) == 3
+
+
+def test_missing_data_says_where_and_what_to_do(tmp_path):
+    with pytest.raises(C.DataError, match=r"cifar-10-batches-py.*--download"):
+        C.load_dataset("cifar10", tmp_path, "train")
+    with pytest.raises(C.DataError, match=r"train/ with one folder per class"):
+        C.load_dataset("imagefolder", tmp_path, "train")
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(C.DataError, match="could not be loaded"):
+        C.load_dataset("cifar10", tmp_path, "train")
+
+
+def test_atomic_save_and_clear_checkpoint_errors(tmp_path):
+    path = tmp_path / "last.pt"
+    C.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    assert C.load_checkpoint(path)["step"] == 1
+    with pytest.raises(Exception):
+        C.atomic_save({"bad": lambda: 0}, path)  # a failed save keeps the previous file
+    assert C.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for name in ("trunc.pt", "junk.pt", "absent.pt"):
+        with pytest.raises(C.CheckpointError, match=name):
+            C.load_checkpoint(tmp_path / name)

@@ -1,0 +1,60 @@
+"""Tiny data sets in the real on-disk formats, written by the tests themselves.
+
+Each class is a fixed random colour pattern plus noise, so the classes are linearly separable in
+pixel space (a useful backbone keeps them apart; a constant one cannot).
+"""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+
+def class_images(n_per_class: int, n_classes: int, size: int, seed: int = 0):
+    """uint8 images (N, size, size, 3) and integer labels (N,)."""
+    # The class patterns are the same for every split; only the noise depends on the seed.
+    patterns = np.random.default_rng(1234).uniform(40, 215, size=(n_classes, 4, 4, 3))
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c in range(n_classes):
+        base = np.kron(patterns[c], np.ones((size // 4, size // 4, 1)))  # blocky, survives crops
+        noise = rng.normal(0, 20, size=(n_per_class, size, size, 3))
+        images.append(np.clip(base[None] + noise, 0, 255).astype(np.uint8))
+        labels += [c] * n_per_class
+    return np.concatenate(images), np.array(labels)
+
+
+def write_cifar10(root, n_train_per_class=8, n_test_per_class=4, n_classes=10, seed=0) -> Path:
+    """root/cifar-10-batches-py in CIFAR-10's python format (5 train batches, test_batch, batches.meta)."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = class_images(n_train_per_class, n_classes, 32, seed)
+    order = np.random.default_rng(seed).permutation(len(y))
+    x, y = x[order], y[order]
+    for i, idx in enumerate(np.array_split(np.arange(len(y)), 5)):
+        _dump(folder / f"data_batch_{i + 1}", x[idx], y[idx])
+    xt, yt = class_images(n_test_per_class, n_classes, 32, seed + 1)
+    _dump(folder / "test_batch", xt, yt)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{c}" for c in range(n_classes)]}, f)
+    return Path(root)
+
+
+def _dump(path, x, y):
+    # CIFAR stores each image as 3072 bytes: the red plane, then green, then blue.
+    data = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+    with open(path, "wb") as f:
+        pickle.dump({"data": data, "labels": [int(v) for v in y]}, f)
+
+
+def write_imagefolder(root, n_classes=4, n_train_per_class=8, n_val_per_class=4, size=32, seed=0) -> Path:
+    """root/train/<class>/*.png and root/val/<class>/*.png."""
+    from PIL import Image
+    root = Path(root)
+    for split, n, s in (("train", n_train_per_class, seed), ("val", n_val_per_class, seed + 1)):
+        x, y = class_images(n, n_classes, size, s)
+        for i, (img, c) in enumerate(zip(x, y)):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i}.png")
+    return root

@@ -156,12 +156,21 @@ def _all_tensor_keys(obj: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _architecture_hint(keys) -> str:
+    """What a ResNet that is not a ResNet-18 probably is, from its keys."""
+    if any(k.endswith("layer1.0.conv3.weight") for k in keys):
+        return "a ResNet-50/101/152 (Bottleneck blocks: found layer1.0.conv3.weight)"
+    if any(k.endswith("layer1.2.conv1.weight") for k in keys):
+        return "a ResNet-34 or deeper (three or more blocks per stage: found layer1.2.conv1.weight)"
+    return ""
+
+
 def _diagnose(path: Path, obj: dict) -> str:
     keys = _all_tensor_keys(obj)
     if not keys:
         return f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:6]))}); not a backbone checkpoint"
-    if any(k.endswith("layer1.0.conv3.weight") for k in keys):
-        return f"{path}: is a ResNet-50/101/152 (Bottleneck blocks, found layer1.0.conv3.weight); this script evaluates ResNet-18 backbones"
+    if hint := _architecture_hint(keys):
+        return f"{path}: is {hint}; this script evaluates ResNet-18 backbones"
     return (f"{path}: holds no ResNet-18 state_dict (no conv1.weight with layer4.1.bn2.weight beside it; "
             f"first keys: {', '.join(keys[:4])})")
 
@@ -174,24 +183,26 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
     if found is None:
         raise CheckpointError(_diagnose(path, obj))
     state, where = found
+    at = f" (at {where})" if where else ""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     conv1 = state[_FIRST]
     if conv1.dim() != 4 or conv1.shape[1] != 3 or conv1.shape[2] not in (3, 7):
-        raise CheckpointError(f"{path}: conv1.weight{where} has shape {tuple(conv1.shape)}; a ResNet-18 stem "
+        raise CheckpointError(f"{path}: conv1.weight{at} has shape {tuple(conv1.shape)}; a ResNet-18 stem "
                               "is (C, 3, 3, 3) (small stem) or (C, 3, 7, 7) (ImageNet stem)")
     width, small_stem = conv1.shape[0] / 64, conv1.shape[2] == 3
     model = common.resnet18(width, small_stem)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    if hint := _architecture_hint(unexpected):
+        raise CheckpointError(f"{path}: is {hint}; this script evaluates ResNet-18 backbones")
     if missing or unexpected:
-        hint = " (more than two blocks per stage: a ResNet-34?)" if any(".2." in k for k in unexpected) else ""
-        raise CheckpointError(f"{path}: not a ResNet-18 state_dict{where}{hint}: "
+        raise CheckpointError(f"{path}: not a ResNet-18 state_dict{at}: "
                               f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                               f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
     for k, v in expected.items():
         if state[k].shape != v.shape:
-            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, a ResNet-18 of width {width:g} "
+            raise CheckpointError(f"{path}: {k}{at} has shape {tuple(state[k].shape)}, a ResNet-18 of width {width:g} "
                                   f"(from conv1) needs {tuple(v.shape)}")
     model.load_state_dict(state, strict=True)
     return model, dict(width=width, small_stem=small_stem, found_at=where or "top level", out_dim=model.out_dim)

@@ -340,23 +340,43 @@ def fit_lbfgs(readout: Readout, x, y, wd, iters):
     return readout
 
 
-def fit_sgd(readout: Readout, batches, total_steps, lr, wd, seed):
-    """Minibatch SGD (momentum 0.9, cosine lr) from a small random start (std 0.01), as in
-    SimSiam's linear evaluation. batches yields (features, labels) for all epochs."""
+def fit_sgd(mean, std, n_classes, batches, total_steps, settings, seed) -> list[Readout]:
+    """Minibatch SGD (momentum 0.9, weight decay, cosine lr) from a small random start (std 0.01),
+    as in SimSiam's linear evaluation, for every (lr, wd) in settings at once.
+
+    The settings share each minibatch: their weights are stacked (K, classes, D) and stepped
+    together, the update torch.optim.SGD makes (buf = 0.9 buf + g + wd w; w -= lr buf), written
+    out because each setting has its own lr and wd. One pass over the batches instead of K keeps
+    the sweep as cheap as a single fit (tests/test_linear_eval.py checks it against torch.optim.SGD).
+    """
+    K, D, device = len(settings), len(mean), mean.device
     g = torch.Generator().manual_seed(seed)
-    w = readout.linear.weight
-    with torch.no_grad():
-        w.copy_(torch.randn(w.shape, generator=g).to(w.device) * 0.01)
-        readout.linear.bias.zero_()
-    opt = torch.optim.SGD(readout.linear.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    W = (torch.randn(K, n_classes, D, generator=g) * 0.01).to(device).requires_grad_()
+    b = torch.zeros(K, n_classes, device=device, requires_grad=True)
+    lr = torch.tensor([lr for lr, _ in settings], device=device)
+    wd = torch.tensor([wd for _, wd in settings], device=device)
+    bufs = [torch.zeros_like(W), torch.zeros_like(b)]
+    std = torch.where(std > 0, std, torch.ones_like(std))  # as in Readout
     for step, (x, y) in enumerate(batches):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total_steps, lr)
-        loss = F.cross_entropy(readout(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return readout
+        z = (x - mean) / std
+        logits = torch.einsum("bd,kcd->kbc", z, W) + b[:, None, :]
+        # Summed over settings, so each one gets the gradient of its own mean cross-entropy.
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(K), reduction="sum") / len(y)
+        grads = torch.autograd.grad(loss, (W, b))
+        scale = lr_at(step, total_steps, 1.0)
+        with torch.no_grad():
+            for p, grad, buf in zip((W, b), grads, bufs):
+                shape = (K,) + (1,) * (p.dim() - 1)
+                buf.mul_(0.9).add_(grad + wd.view(shape) * p)
+                p.sub_(scale * lr.view(shape) * buf)
+    readouts = []
+    for k in range(K):
+        r = Readout(mean, std, n_classes).to(device)
+        with torch.no_grad():
+            r.linear.weight.copy_(W[k])
+            r.linear.bias.copy_(b[k])
+        readouts.append(r)
+    return readouts
 
 
 def feature_batches(x, y, epochs, batch_size, seed):
@@ -381,15 +401,22 @@ def backbone_batches(backbone, dataset, device, epochs, batch_size, num_workers,
             yield f.float(), torch.as_tensor(y).to(device, non_blocking=True)
 
 
-def fit_readout(x, y, n_classes, classifier, lr, wd, args, batches=None, steps=None) -> Readout:
-    """Standardise with x's own statistics, then fit by L-BFGS or SGD (on x, or on `batches`)."""
-    readout = Readout(x.mean(0), x.std(0), n_classes).to(x.device)
+def fit_readouts(x, y, n_classes, classifier, settings, args, batches=None, steps=None) -> list[Readout]:
+    """One classifier per (lr, wd) in settings, on features standardised with x's own statistics.
+
+    lbfgs fits on x; sgd trains on minibatches of x, or on `batches` (--augment) when given.
+    """
+    mean, std = x.mean(0), x.std(0)
     if classifier == "lbfgs":
-        return fit_lbfgs(readout, x, y, wd, args.lbfgs_iters)
+        return [fit_lbfgs(Readout(mean, std, n_classes).to(x.device), x, y, wd, args.lbfgs_iters) for _, wd in settings]
     if batches is None:
         batches = feature_batches(x, y, args.epochs, args.batch_size, args.seed)
         steps = args.epochs * math.ceil(len(y) / args.batch_size)
-    return fit_sgd(readout, batches, steps, lr, wd, args.seed)
+    return fit_sgd(mean, std, n_classes, batches, steps, settings, args.seed)
+
+
+def fit_readout(x, y, n_classes, classifier, lr, wd, args, batches=None, steps=None) -> Readout:
+    return fit_readouts(x, y, n_classes, classifier, [(lr, wd)], args, batches, steps)[0]
 
 
 def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[float]:
@@ -409,13 +436,12 @@ def select_hyperparameters(x, y, n_classes, args) -> tuple[dict, list[dict]]:
     n_val = max(1, round(args.val_fraction * len(y)))
     val, fit = order[:n_val], order[n_val:]
     lrs = args.lrs if args.classifier == "sgd" else (None,)
+    settings = [(lr, wd) for lr in lrs for wd in args.wds]
     table = []
-    for lr in lrs:
-        for wd in args.wds:
-            readout = fit_readout(x[fit], y[fit], n_classes, args.classifier, lr, wd, args)
-            with torch.no_grad():
-                top1, = topk_accuracy(readout(x[val]), y[val], ks=(1,))
-            table.append(dict(lr=lr, wd=wd, val_top1=top1))
+    for (lr, wd), readout in zip(settings, fit_readouts(x[fit], y[fit], n_classes, args.classifier, settings, args)):
+        with torch.no_grad():
+            top1, = topk_accuracy(readout(x[val]), y[val], ks=(1,))
+        table.append(dict(lr=lr, wd=wd, val_top1=top1))
     best = max(table, key=lambda r: r["val_top1"])  # max keeps the first of equal scores
     return best, table
 

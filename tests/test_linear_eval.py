@@ -273,8 +273,8 @@ def test_augment_protocol_runs_through_the_frozen_backbone(data, tmp_path, monke
             yield x, y
 
     monkeypatch.setattr(L, "backbone_batches", spy)
-    r = L.main(fast_args(save_backbone(tmp_path), data, augment=True, classifier="sgd", epochs=3, lrs=(0.3,)))
-    assert sum(batches) == 3 * N_TRAIN * N_CLASSES  # every train image, every epoch, through the backbone
+    r = L.main(fast_args(save_backbone(tmp_path), data, augment=True, classifier="sgd", epochs=2, lrs=(0.3,)))
+    assert sum(batches) == 2 * N_TRAIN * N_CLASSES  # every train image, every epoch, through the backbone
     assert r["offline_linear"]["augment"] and r["offline_linear"]["top1"] >= 0.3  # chance is 0.1
     # (the backbone-unchanged check ran inside main: it would have exited otherwise)
 
@@ -329,3 +329,48 @@ def test_cached_vs_uncached_timing_hook(data):
     ds = common.load_dataset("cifar10", data, "train", common.eval_transform("cifar10", 32))
     t = L.time_cached_vs_uncached(backbone(), ds, N_CLASSES, epochs=2, batch_size=64)
     assert t["cached_s"] > 0 and t["uncached_s"] > 0 and t["n_images"] == len(ds)
+
+
+# --- the training scripts' output ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (ROOT / "train_byol.py").exists(), reason="train_byol.py not in this checkout")
+def test_evaluates_backbone_and_last_checkpoint_of_a_short_byol_run(data, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(ROOT / "train_byol.py"), "byol", "--dataset", "cifar10", "--data-dir",
+                        str(data), "--out-dir", str(run), "--epochs", "1", "--steps-per-epoch", "2",
+                        "--batch-size", "8", "--width", "0.125", "--proj-hidden", "32", "--proj-dim", "16",
+                        "--pred-hidden", "32", "--num-workers", "0", "--warmup-epochs", "0"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from_backbone = L.main(fast_args(run / "backbone.pt", data))
+    from_last = L.main(fast_args(run / "last.pt", data, out_dir=str(tmp_path / "from_last")))
+    # The same (online) backbone either way, so the same cache key and the same numbers.
+    assert from_backbone["backbone"]["sha256"] == from_last["backbone"]["sha256"]
+    assert numbers(from_backbone) == numbers(from_last)
+    assert from_backbone["offline_linear"]["top1"] >= 0.9
+    assert (run / "linear_eval.json").is_file()
+
+
+def test_vectorised_sgd_sweep_matches_torch_optim_sgd():
+    """fit_sgd steps every (lr, wd) setting at once; each must follow torch.optim.SGD exactly."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(96) % 4
+    x = torch.randn(4, 6, generator=g)[y] + torch.randn(96, 6, generator=g)
+    settings, epochs, bs = [(0.3, 1e-2), (0.03, 0.0)], 3, 32
+    steps = epochs * 3
+    mean, std = x.mean(0), x.std(0)
+    got = L.fit_sgd(mean, std, 4, L.feature_batches(x, y, epochs, bs, seed=1), steps, settings, seed=5)
+    for k, (lr, wd) in enumerate(settings):
+        ref = L.Readout(mean, std, 4)
+        with torch.no_grad():  # the same start: fit_sgd draws all K weights from one generator
+            ref.linear.weight.copy_((torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(5)) * 0.01)[k])
+            ref.linear.bias.zero_()
+        opt = torch.optim.SGD(ref.linear.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        for step, (xb, yb) in enumerate(L.feature_batches(x, y, epochs, bs, seed=1)):
+            opt.param_groups[0]["lr"] = L.lr_at(step, steps, lr)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(xb), yb).backward()
+            opt.step()
+        torch.testing.assert_close(got[k].linear.weight, ref.linear.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k].linear.bias, ref.linear.bias, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,295 @@
+"""train_byol.py and train_simsiam.py (issue 4): end to end on tiny data in the real formats,
+every preset of the grid, the schedules, the EMA target, the symmetric loss, DDP with two
+processes, and the collapse of the ablations."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import common as C
+import train_byol as B
+import train_simsiam as S
+from tiny_data import write_cifar10, write_imagefolder
+
+REPO = Path(__file__).resolve().parent.parent
+# Small enough for CPU tests, large enough for BatchNorm and a spectrum.
+TINY = dict(width=0.0625, proj_hidden=32, proj_dim=16, pred_hidden=32, batch_size=8, num_workers=0, log_every=1,
+            warmup_epochs=0, epochs=1, steps_per_epoch=1)
+METRIC_KEYS = {"epoch", "step", "loss", "cosine_loss", "readout_loss", "online_readout_top1", "online_readout_top5",
+               "eigenvalues", "participation_ratio", "std_normalized_z", "lr", "tau", "images_per_s", "wall_time_s",
+               "collapse_warning"}
+
+
+@pytest.fixture(autouse=True)
+def _no_onednn():
+    """oneDNN compiles a kernel for every new tensor shape, seconds each on this tiny, ever-changing
+    workload; the plain CPU kernels are much faster here. Restored after each test."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = before
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return dict(cifar=write_cifar10(root / "cifar", n_train_per_class=4, n_test_per_class=2),
+                folder=write_imagefolder(root / "folder", n_classes=4, n_train_per_class=16, n_val_per_class=2, size=32))
+
+
+def tiny(preset: B.Args, data, dataset: str, out: Path, **kw) -> B.Args:
+    where = dict(dataset="cifar10", data_dir=str(data["cifar"])) if dataset == "cifar10" else \
+        dict(dataset="imagefolder", data_dir=str(data["folder"]), crop=16)
+    return dataclasses.replace(preset, out_dir=str(out), **{**TINY, **where, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_script(*argv, timeout=300):
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+# --- end to end, as a user runs it --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script,preset,dataset", [("train_byol.py", "byol", "imagefolder"),
+                                                   ("train_simsiam.py", "isoloss", "cifar10")])
+def test_end_to_end_writes_everything_and_a_torchvision_backbone(tmp_path, data, script, preset, dataset):
+    out = tmp_path / "run"
+    where = ["--dataset", "imagefolder", "--data-dir", str(data["folder"]), "--crop", "16"] if dataset == "imagefolder" \
+        else ["--dataset", "cifar10", "--data-dir", str(data["cifar"])]
+    r = run_script(script, preset, *where, "--out-dir", str(out), "--epochs", "2", "--steps-per-epoch", "1",
+                   "--batch-size", "4", "--width", "0.0625", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "32",
+                   "--num-workers", "0", "--warmup-epochs", "0", "--log-every", "1")
+    assert r.returncode == 0, r.stderr
+    assert "img/s" in r.stdout and "ETA" in r.stdout  # the progress line
+    for name in ("metrics.jsonl", "eigenvalues.png", "online_readout.png", "last.pt", "backbone.pt", "backbone.json",
+                 "config.json"):
+        assert (out / name).is_file(), name
+    lines = metrics(out)
+    assert [r["epoch"] for r in lines] == [1, 2] and [r["step"] for r in lines] == [1, 2]
+    for rec in lines:
+        assert METRIC_KEYS <= rec.keys()
+        assert len(rec["eigenvalues"]) == 16 and rec["eigenvalues"] == sorted(rec["eigenvalues"])
+        assert 0 <= rec["online_readout_top1"] <= rec["online_readout_top5"] <= 100
+    assert (lines[-1]["tau"] is None) == (script == "train_simsiam.py")
+
+    # A tiny width has torchvision's parameter names with smaller tensors; width 1 is tested below.
+    state = torch.load(out / "backbone.pt", weights_only=True)
+    meta = json.loads((out / "backbone.json").read_text())
+    assert (meta["width"], meta["small_stem"], meta["out_dim"]) == (0.0625, True, 32)
+    assert state.keys() == torchvision.models.resnet18().state_dict().keys() - {"fc.weight", "fc.bias"}
+    C.resnet18(meta["width"], meta["small_stem"]).load_state_dict(state, strict=True)
+    # ... and it is the trained backbone of the checkpoint, not a fresh one.
+    ckpt = C.load_checkpoint(out / "last.pt")
+    for k, v in state.items():
+        assert torch.equal(v, ckpt["model"][f"backbone.{k}"]), k
+
+
+@pytest.mark.parametrize("crop", [32, 96])
+def test_backbone_at_width_one_loads_strictly_into_torchvision(tmp_path, crop):
+    """The README's lines: the small stem for 32/64-pixel crops, torchvision's own stem for STL-10's 96."""
+    small_stem = crop <= 64
+    learner = B.Learner(dataclasses.replace(B.Args(), proj_hidden=32, proj_dim=16), 10, small_stem)
+    B.export_backbone(learner, tmp_path, small_stem, crop, B.Args(), step=0)
+    tv = torchvision.models.resnet18()
+    if json.loads((tmp_path / "backbone.json").read_text())["small_stem"]:
+        tv.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        tv.maxpool = nn.Identity()
+    tv.fc = nn.Identity()
+    tv.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    x = torch.randn(2, 3, crop, crop)
+    torch.testing.assert_close(tv.eval()(x), learner.backbone.eval()(x))
+
+
+# --- every preset of the grid -------------------------------------------------------------------
+
+ALL_PRESETS = [("byol", name) for name in B.PRESETS] + [("simsiam", name) for name in S.PRESETS]
+
+
+@pytest.mark.parametrize("script,name", ALL_PRESETS)
+def test_every_preset_runs_one_step(tmp_path, data, script, name):
+    preset = (B.PRESETS if script == "byol" else S.PRESETS)[name][1]
+    # BYOL presets on the CIFAR reader, SimSiam presets on the ImageFolder reader.
+    args = tiny(preset, data, "cifar10" if script == "byol" else "imagefolder", tmp_path / "run")
+    learner = B.train(args)
+    (rec,) = metrics(tmp_path / "run")
+    assert rec["step"] == 1 and all(torch.isfinite(torch.tensor([rec["loss"], rec["cosine_loss"]])))
+    assert (learner.target is not None) == (script == "byol")
+    assert ("eigenvector_alignment" in rec) == (preset.predictor == "linear")
+    assert torch.linalg.eigvalsh(learner.correlation()).max() > 0  # C is tracked for every predictor
+    if preset.isoloss:
+        assert rec["loss"] != rec["cosine_loss"]  # IsoLoss's value is not the cosine loss; both are logged
+
+
+def test_presets_hold_the_papers_settings():
+    closed = {"directpred", "directcopy", "isoloss", "isoloss-directcopy"}
+    for presets, ema in ((B.PRESETS, True), (S.PRESETS, False)):
+        for name, (_, a) in presets.items():
+            assert a.ema is ema, name
+            if name == "cpu-demo":
+                continue
+            assert a.weight_decay == (1e-4 if name in closed else 1e-5), name
+            assert (a.optimizer, a.lr, a.tau_c) == (("lars", 1.0, 0.998) if ema else ("sgd", 0.1, 0.5)), name
+            assert a.momentum == 0.9 and a.batch_size == 256 and a.epochs == 1000 and a.warmup_epochs == 10
+            assert a.isoloss == name.startswith("isoloss")
+            if name in closed:
+                assert a.predictor == ("directcopy" if name.endswith("directcopy") else "directpred")
+        assert B.Args().tau_base == 0.99 and B.Args().tau_final == 1.0 and B.Args().lars_eta == 0.02
+
+
+def test_command_line_preset_then_overrides():
+    a = tyro_parse(B.PRESETS, ["isoloss", "--dataset", "cifar100", "--weight-decay", "3e-4"])
+    assert (a.predictor, a.isoloss, a.dataset, a.weight_decay, a.ema) == ("directpred", True, "cifar100", 3e-4, True)
+    a = tyro_parse(S.PRESETS, ["no-stop-grad", "--epochs", "5"])
+    assert (a.stop_grad, a.ema, a.epochs, a.optimizer) == (False, False, 5, "sgd")
+
+
+def tyro_parse(presets, argv):
+    import tyro
+    return tyro.extras.overridable_config_cli(presets, args=argv)
+
+
+# --- schedules, EMA target, symmetric loss ------------------------------------------------------
+
+
+def test_tau_follows_the_cosine_from_base_to_final():
+    total = 1000
+    assert B.tau_at(0, total, 0.99, 1.0) == pytest.approx(0.99)
+    assert B.tau_at(250, total, 0.99, 1.0) == pytest.approx(1 - 0.01 * (1 + 2 ** -0.5) / 2)
+    assert B.tau_at(500, total, 0.99, 1.0) == pytest.approx(0.995)
+    assert B.tau_at(750, total, 0.99, 1.0) == pytest.approx(1 - 0.01 * (1 - 2 ** -0.5) / 2)
+    assert B.tau_at(total, total, 0.99, 1.0) == pytest.approx(1.0)
+    taus = [B.tau_at(s, total, 0.99, 1.0) for s in range(total + 1)]
+    assert taus == sorted(taus)
+
+
+def test_learning_rate_warmup_then_cosine():
+    peak, total, warm = 2.0, 1100, 100
+    assert B.lr_at(0, total, warm, peak) == pytest.approx(peak / 100)
+    assert B.lr_at(49, total, warm, peak) == pytest.approx(peak / 2)
+    assert B.lr_at(99, total, warm, peak) == pytest.approx(peak)
+    assert B.lr_at(100, total, warm, peak) == pytest.approx(peak)
+    assert B.lr_at(600, total, warm, peak) == pytest.approx(peak / 2)
+    assert B.lr_at(1100, total, warm, peak) == pytest.approx(0.0, abs=1e-12)
+    assert B.lr_at(0, total, 0, peak) == pytest.approx(peak)
+
+
+def small_learner(**kw) -> B.Learner:
+    torch.manual_seed(0)
+    args = dataclasses.replace(B.Args(), **{**TINY, **kw})
+    return B.Learner(args, n_classes=3, small_stem=True)
+
+
+def test_target_equals_online_when_tau_is_zero():
+    learner = small_learner()
+    with torch.no_grad():
+        for p in learner.online_parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in learner.target.parameters()]
+    B.ema_update(learner.target, learner.online_parameters(), 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(learner.target.parameters(), before))
+    B.ema_update(learner.target, learner.online_parameters(), 0.5)
+    assert all(torch.allclose(t, (b + o) / 2) for t, b, o in zip(learner.target.parameters(), before,
+                                                                  learner.online_parameters()))
+    B.ema_update(learner.target, learner.online_parameters(), 0.0)
+    assert all(torch.equal(t, o) for t, o in zip(learner.target.parameters(), learner.online_parameters()))
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_training_loop_moves_the_target_with_tau(tmp_path, data, tau):
+    args = tiny(B.PRESETS["byol"][1], data, "cifar10", tmp_path / "run", steps_per_epoch=2, tau_base=tau, tau_final=tau)
+    torch.manual_seed(args.seed)
+    initial = [p.clone() for p in B.Learner(args, 10, True).target.parameters()]
+    learner = B.train(args)
+    online = [*learner.backbone.parameters(), *learner.projector.parameters()]
+    assert not all(torch.equal(o, i) for o, i in zip(online, initial))  # the online network did learn
+    ref = online if tau == 0.0 else initial
+    assert all(torch.equal(t, r) for t, r in zip(learner.target.parameters(), ref))
+
+
+@pytest.mark.parametrize("ema,stop_grad", [(True, True), (False, True), (False, False)])
+def test_loss_is_the_sum_of_both_view_orders_with_the_stop_gradient_where_it_belongs(ema, stop_grad):
+    learner = small_learner(predictor="linear", ema=ema, stop_grad=stop_grad)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 16, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, -1])  # -1: an unlabeled image (STL-10), ignored by the readout
+    params = [*learner.online_parameters(), learner.predictor.weight]
+    loss, ssl, plain, ce, std = learner(x1, x2, y)
+    got = torch.autograd.grad(loss, params)
+
+    # By hand. In training mode BatchNorm uses batch statistics, so a second pass gives the same outputs.
+    z1, z2 = (learner.projector(learner.backbone(x)) for x in (x1, x2))
+    if ema:
+        with torch.no_grad():
+            t1, t2 = learner.target(x1), learner.target(x2)
+    else:
+        t1, t2 = (z1.detach(), z2.detach()) if stop_grad else (z1, z2)
+    p1, p2 = learner.predictor(z1), learner.predictor(z2)
+    expect = C.cosine_loss(p1, t2, stop_grad=False) + C.cosine_loss(p2, t1, stop_grad=False)
+    torch.testing.assert_close(ssl, expect.detach())
+    assert ssl > 2.0  # the sum of two losses in [0, 4] for unrelated outputs, not their mean
+    # The same gradient: the readout (on detached features) adds nothing to the network's gradient,
+    # and the targets pass a gradient exactly when the no-stop-gradient ablation asks for it.
+    want = torch.autograd.grad(expect, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    if ema:
+        assert not any(p.requires_grad for p in learner.target.parameters())
+    assert torch.isfinite(ce) and ce > 0
+
+
+# --- several processes --------------------------------------------------------------------------
+
+
+def test_two_processes_with_torchrun_hold_the_same_C_and_weights(tmp_path, data):
+    wrapper = tmp_path / "rank_dump.py"
+    wrapper.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import train_byol\n"
+        "learner = train_byol.main(argv=sys.argv[1:])\n"
+        f"torch.save(learner.state_dict(), os.path.join({str(tmp_path)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
+    out = tmp_path / "run"
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+                   "isoloss", "--device", "cpu", "--dataset", "cifar10", "--data-dir", str(data["cifar"]),
+                   "--out-dir", str(out), "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "8",
+                   "--width", "0.0625", "--proj-hidden", "32", "--proj-dim", "16", "--num-workers", "0",
+                   "--warmup-epochs", "0", "--log-every", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0, s1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    assert s0["predictor.C"].abs().sum() > 0
+    # Only rank 0 wrote the run directory, and it counted both ranks' samples.
+    assert [m["step"] for m in metrics(out)] == [3]
+    assert r.stdout.count("epoch 1/1") == 1
+
+
+# --- collapse of the ablations (SPEC section 1) -------------------------------------------------
+
+
+def test_ablations_collapse_while_simsiam_keeps_its_variance(tmp_path, data):
+    # The smallest setting where this shows on a CPU: 8 steps at lr 0.1 (1.6 x 16/256).
+    final, first = {}, {}
+    for name in ("simsiam", "no-predictor", "no-stop-grad"):
+        args = tiny(S.PRESETS[name][1], data, "imagefolder", tmp_path / name, batch_size=16, steps_per_epoch=4,
+                    epochs=2, lr=1.6, log_every=100)
+        B.train(args)
+        stds = [m["std_normalized_z"] for m in metrics(tmp_path / name)]
+        first[name], final[name] = stds[0], stds[-1]
+    healthy = 1 / 4  # 1/sqrt(d), d = 16
+    assert final["simsiam"] > 0.6 * healthy
+    for name in ("no-predictor", "no-stop-grad"):
+        assert final[name] < 0.5 * first[name] and final[name] < 0.3 * healthy, (name, first[name], final[name])

@@ -480,7 +480,14 @@ def epoch_record(learner: Learner, epoch: int, step: int, sums: torch.Tensor, n_
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The lines of metrics.jsonl; a line torn by a kill in the middle of its write is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
 
 
 def plot(out: Path, records: list[dict]) -> None:
@@ -617,7 +624,7 @@ def train(args: Args) -> Learner:
     rank, world, device = setup_distributed(args.device)
     main_rank = rank == 0
     check_args(args, world)
-    say = print if main_rank else (lambda *a, **k: None)
+    say = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
     cuda = device.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.amp == "auto" and cuda else args.amp)
 
@@ -650,6 +657,7 @@ def train(args: Args) -> Learner:
     ckpt = open_run(args, out)
 
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
     small_stem = crop <= 64
     learner = Learner(args, C.num_classes(test_set), small_stem).to(device)
     if cuda:
@@ -727,7 +735,7 @@ def train(args: Args) -> Learner:
     if step >= total_steps:
         say(f"{out} already finished (step {step} of {total_steps}); backbone in {out / 'backbone.pt'}")
     progress = C.Progress(total_steps * args.batch_size, "img", start=step * args.batch_size)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step (1-based) whose loss was not finite
     t_start = time.perf_counter()
     lr, tau = lr_at(step, total_steps, warmup_steps, peak_lr), None
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -745,7 +753,7 @@ def train(args: Args) -> Learner:
                 with autocast():
                     loss, ssl, plain, ce, std = model(x1, x2, y)
             except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
-                C.die(f"step {step}: {e}. {stopped_message(out)}")
+                C.die(f"step {step + 1}: {e}. {stopped_message(out)}")
             optimizer.zero_grad(set_to_none=True)
             readout_optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -756,7 +764,7 @@ def train(args: Args) -> Learner:
                 tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
                 ema_update(learner.target, learner.online_parameters(), tau)
             # Bookkeeping on the device: no host synchronisation except on logging steps.
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
             sums += torch.stack([ssl, plain, ce, std]).double()
             step += 1
             if step % args.log_every == 0:

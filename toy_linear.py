@@ -316,7 +316,7 @@ def run_block(block, names, lrs, steps, relu, W0, args, samples, record_every=1,
         sim["theory"] = th
     rows = summarise(labels or names, sim, th)
     dev = max((r["max_rel_deviation_from_theory"] or 0) for r in rows.values())
-    print(f"  {block:<28} {len(names)} runs x {steps:>6} steps  {time.time() - t0:5.1f} s"
+    print(f"  {block:<32} {len(names)} runs x {steps:>6} steps  {time.time() - t0:5.1f} s"
           + ("" if th is None else f"  max deviation from theory {dev:.1%}"), flush=True)
     return sim, rows
 
@@ -365,7 +365,10 @@ def plot_eigen(ax, sim, s, colors=None, label=None):
         if "theory" in sim:
             ax.plot(steps, sim["theory"][:, s, m], "--", color="k", lw=0.8, alpha=0.7)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=max(ax.get_ylim()[0], 1e-12))  # below that, collapsed modes are rounding
     ax.set_xlabel("step")
+    ax.set_ylabel("eigenvalue of W W$^T$")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
 
 
 def plot_eigen_grid(path, title, names, sims):
@@ -377,7 +380,6 @@ def plot_eigen_grid(path, title, names, sims):
         ax = panel(axes, name)
         ax.set_axis_on()
         plot_eigen(ax, sim, s)
-        ax.set_ylabel("eigenvalue of W W$^T$")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -415,7 +417,7 @@ def fig2_or_6(fig, args, relu, names):
                                           max(1, args.no_predictor_steps // 1000))):
         if not group:
             continue
-        sim, rows = run_block(f"{block} ({len(group)} x {steps})", group,
+        sim, rows = run_block(block + (", no-predictor" if group is long else ""), group,
                               [lr_of(n) for n in group], steps, relu, W0, args, samples, every)
         summary[block].update(rows)
         sims.update({n: (sim, s) for s, n in enumerate(group)})

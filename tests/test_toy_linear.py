@@ -150,6 +150,21 @@ def test_theory_fixed_points_with_noise_on_both_views():
     np.testing.assert_allclose(lam, lam0 * (1 - 0.1 * 0.01) ** 2000, rtol=1e-9)  # slow collapse
 
 
+def test_cosine_mean_field_conserves_the_trace_and_ends_where_the_simulation_does():
+    lam = np.linspace(0.02, 2.2, 10)
+    for name in ("cosine-standard", "cosine-no-stopgrad", "cosine-no-predictor"):
+        g = tl.mode_rates(lam, name, 0.1, 0.0, 1.0)
+        assert abs((g * lam).sum()) <= 1e-12 * np.abs(g * lam).sum(), name
+    assert (tl.mode_rates(lam, "cosine-isoloss", 0.1, 0.0, 1.0) * lam).sum() < 0  # trace grows
+    # end points (not the time course) agree with the simulation, Fig. 5 and Fig. 2 settings
+    lam0 = np.linalg.eigvalsh((lambda W: W @ W.T)(tl.init_weights(2, 2, 6).double().numpy()))
+    end = tl.theory(lam0, "cosine-standard", 0.01, 1500, np.array([1500]), 0.1, 0.0, 1.0)[-1]
+    np.testing.assert_allclose(end, 0.232, rtol=0.005)
+    lam0 = np.linalg.eigvalsh((lambda W: W @ W.T)(tl.init_weights(2, 10, 15).double().numpy()))
+    end = tl.theory(lam0, "cosine-isoloss", 0.1, 1500, np.array([1500]), 0.1, 0.0, 1.0)[-1]
+    np.testing.assert_allclose(end, 1.056, rtol=0.005)
+
+
 # ---------------------------------------------------------------- the paper's outcomes (SPEC 5)
 
 

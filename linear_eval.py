@@ -76,7 +76,7 @@ class Args:
     download: bool = False
     """download cifar10 / cifar100 / stl10 into --data-dir if missing (needs internet)"""
     out_dir: str | None = None
-    """where linear_eval.json, the classifier and the feature cache go (default: the checkpoint's folder)"""
+    """where linear_eval.json, the classifier and the feature cache go (None: the checkpoint's folder)"""
     device: str = "auto"
     """auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ..."""
     seed: int = 0
@@ -88,7 +88,7 @@ class Args:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """autocast dtype of the backbone on CUDA (features are stored in float32; CPU always float32)"""
     crop: int | None = None
-    """imagefolder only: resize and centre-crop size (default 64); other data sets are read at native size"""
+    """imagefolder only: resize and centre-crop size (None: 64); the other data sets are read at native size"""
 
     classifier: Literal["lbfgs", "sgd"] = "lbfgs"
     """lbfgs: full-batch L-BFGS on the cached features; sgd: minibatch SGD (momentum 0.9, cosine lr)"""
@@ -103,8 +103,7 @@ class Args:
     epochs: int = 100
     """SGD epochs per fit (passes over the cached features, or over the images with --augment)"""
     augment: bool = False
-    """classic protocol: the final fit runs the frozen backbone on RandomResizedCrop + flip views every
-    epoch (needs --classifier sgd; the sweep still runs on the cached features, to keep it affordable)"""
+    """classic protocol: the final fit runs the frozen backbone on random-resized-crop + flip views every epoch (needs --classifier sgd; the sweep still runs on the cached features, to stay affordable)"""
     knn_k: tuple[int, ...] = (20, 200)
     """neighbour counts of the k-NN evaluation"""
     knn_temperature: float = 0.07
@@ -541,10 +540,16 @@ def main(args: Args) -> dict:
     t_start = time.perf_counter()
     if args.crop is not None and args.dataset != "imagefolder":
         die(f"--crop applies to imagefolder only; {args.dataset} is read at its native size {CROP_SIZE[args.dataset]}")
-    if args.augment and args.classifier != "sgd":
-        die("--augment trains by minibatch SGD through the backbone: add --classifier sgd")
-    if not 0 < args.val_fraction < 1:
-        die(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    for bad, message in (
+        (args.augment and args.classifier != "sgd", "--augment trains by minibatch SGD through the backbone: add --classifier sgd"),
+        (not 0 < args.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {args.val_fraction}"),
+        (not args.wds or min(args.wds) < 0, f"--wds needs one or more weight decays >= 0, got {args.wds}"),
+        (args.classifier == "sgd" and (not args.lrs or min(args.lrs) <= 0), f"--lrs needs one or more rates > 0, got {args.lrs}"),
+        (args.epochs < 1 or args.lbfgs_iters < 1 or args.batch_size < 1, "--epochs, --lbfgs-iters and --batch-size must be >= 1"),
+        (min(args.knn_k, default=1) < 1 or args.knn_temperature <= 0, "--knn-k must be >= 1 and --knn-temperature > 0"),
+    ):
+        if bad:
+            die(message)
     device = common.pick_device(args.device)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -196,7 +196,7 @@ def _gloo_rank(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     pred = C.ClosedFormPredictor(5, tau=0.5)
     for step in range(3):
-        z = torch.randn(7, 5, generator=torch.Generator().manual_seed(10 * rank + step))
+        z = torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * rank + step))
         pred.update(z)
     torch.save({"C": pred.C, "W": pred.W}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -209,7 +209,7 @@ def test_two_process_gloo_ranks_hold_the_same_C(tmp_path):
     # ... and that C is the one of the averaged batch terms.
     expect = torch.zeros(5, 5, dtype=torch.float64)
     for step in range(3):
-        zs = [torch.randn(7, 5, generator=torch.Generator().manual_seed(10 * r + step)).double() for r in (0, 1)]
+        zs = [torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * r + step)).double() for r in (0, 1)]
         expect = 0.5 * expect + 0.5 * sum(z.T @ z / 7 for z in zs) / 2
     torch.testing.assert_close(r0["C"], expect)
 

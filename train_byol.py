@@ -79,6 +79,10 @@ class Args:
     """auto (CUDA when present), cpu, cuda, cuda:1, ... Under torchrun each rank takes cuda:LOCAL_RANK."""
     num_workers: int = 4
     """Data-loading processes per rank (0 loads in the main process). Does not change the results."""
+    augment_on: Literal["loader", "device"] = "loader"
+    """Where the two views are drawn: loader (PIL, per image, in --num-workers processes) or device (the whole
+    training set as one uint8 tensor on the device, batched tensor augmentation; for GPUs, which the PIL path
+    cannot feed: see bench.py). Same parameters and distributions; cifar10/cifar100/stl10/tinyimagenet only."""
     epochs: int = 1000
     """Training epochs."""
     batch_size: int = 256
@@ -213,6 +217,9 @@ def check_args(args: Args, world: int) -> None:
         (not (0 <= args.tau_base <= args.tau_final <= 1), "EMA momentum needs 0 <= --tau-base <= --tau-final <= 1"),
         (args.overwrite and args.allow_changes,
          "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
+        (args.augment_on == "device" and args.dataset == "imagefolder",
+         "--augment-on device needs a data set of one image size (cifar10, cifar100, stl10, tinyimagenet); "
+         "use --augment-on loader for imagefolder"),
         (args.amp == "fp16" and C.pick_device(args.device).type == "cpu",
          "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
     ]
@@ -226,22 +233,42 @@ def check_args(args: Args, world: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def view_transforms(crop: int, blur: tuple[float, float]):
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view's augmentation (SPEC 6), shared by the PIL path and the batched device path."""
+
+    crop: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+
+    @property
+    def blur_kernel(self) -> int:  # about a tenth of the image, odd, as in BYOL
+        return 2 * (self.crop // 20) + 1
+
+
+def view_specs(crop: int, blur: tuple[float, float]) -> tuple[ViewSpec, ViewSpec]:
     """SPEC 6: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur; view 2 adds solarisation (p 0.2)."""
+    return ViewSpec(crop, blur_p=blur[0]), ViewSpec(crop, blur_p=blur[1], solarize_p=0.2)
+
+
+def pil_view(spec: ViewSpec, normalize: bool = True):
+    """The view as torchvision transforms on a PIL image (the data-loader path)."""
     from torchvision import transforms as T
-
-    def view(blur_p: float, solarize_p: float):
-        steps = [T.RandomResizedCrop(crop, scale=(0.08, 1.0)),
-                 T.RandomHorizontalFlip(0.5),
-                 T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                 T.RandomGrayscale(0.2)]
-        if blur_p > 0:  # kernel about a tenth of the image, odd, as in BYOL
-            steps.append(T.RandomApply([T.GaussianBlur(2 * (crop // 20) + 1, sigma=(0.1, 2.0))], p=blur_p))
-        if solarize_p > 0:
-            steps.append(T.RandomSolarize(128, p=solarize_p))
-        return T.Compose(steps + [T.ToTensor(), T.Normalize(C.MEAN, C.STD)])
-
-    return view(blur[0], 0.0), view(blur[1], 0.2)
+    steps = [T.RandomResizedCrop(spec.crop, scale=spec.scale, ratio=spec.ratio),
+             T.RandomHorizontalFlip(spec.flip_p),
+             T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.jitter_p),
+             T.RandomGrayscale(spec.gray_p)]
+    if spec.blur_p > 0:
+        steps.append(T.RandomApply([T.GaussianBlur(spec.blur_kernel, sigma=(0.1, 2.0))], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        steps.append(T.RandomSolarize(128, p=spec.solarize_p))
+    return T.Compose(steps + [T.ToTensor()] + ([T.Normalize(C.MEAN, C.STD)] if normalize else []))
 
 
 class TwoViews(torch.utils.data.Dataset):
@@ -297,6 +324,168 @@ def loader_for(dataset, batches, num_workers: int, cuda: bool):
     # one; no augmentation depends on it (see TwoViews), but the global state then stays ours.
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                        pin_memory=cuda, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched augmentation on the device (--augment-on device)
+# ---------------------------------------------------------------------------------------------
+# The PIL pipeline does about 1,000 images/s (two views) per CPU core (bench.py): a GPU that trains
+# ResNet-18 on 32x32 images at ~20,000 images/s would need ~20 loader processes. This path draws
+# the same per-image random parameters as torchvision's transforms (same distributions, the jitter
+# operations in a random order per image) and applies them to a whole uint8 batch on the device.
+# Known departures, all small: bilinear resampling without antialiasing (crops are upsampled on
+# the native-size data sets this path serves, where the two agree), contrast and hue computed in
+# floating point rather than on 8-bit values, and draws that are not the same numbers as the PIL
+# path's (tests/test_augment.py compares the distributions).
+
+
+def _uniform(n, lo, hi, gen, device):
+    return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+
+
+def _crop_boxes(n, H, W, spec, gen, device):
+    """torchvision's RandomResizedCrop.get_params for n images at once: (top, left, h, w)."""
+    area = torch.full((n, 10), float(H * W), device=device)
+    target = area * _uniform((n, 10), *spec.scale, gen, device)
+    log_r = _uniform((n, 10), math.log(spec.ratio[0]), math.log(spec.ratio[1]), gen, device)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.float().argmax(1)  # the first of ten attempts that fits, as torchvision does
+    w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
+    # No attempt fits (rare): torchvision falls back to the whole image for ratios in range.
+    none = ~ok.any(1)
+    w, h = torch.where(none, float(W), w), torch.where(none, float(H), h)
+    top = torch.floor(torch.rand(n, generator=gen, device=device) * (H - h + 1))
+    left = torch.floor(torch.rand(n, generator=gen, device=device) * (W - w + 1))
+    top, left = torch.where(none, (H - h) // 2, top), torch.where(none, (W - w) // 2, left)
+    return top, left, h, w
+
+
+def _gray(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x, shift):
+    """Rotate each image's hue by shift[i] (a fraction of the circle) through RGB -> HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
+    h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    h = (h + shift[:, None, None]) % 1
+    v = maxc
+    i = torch.floor(h * 6)
+    f = h * 6 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)
+    return table.gather(1, i[:, None, None].expand(-1, 1, 3, *i.shape[1:])).squeeze(1)
+
+
+def _jitter(x, spec, gen):
+    """torchvision's ColorJitter per image: four factors, applied in a random order, with p jitter_p."""
+    n, device = x.shape[0], x.device
+    b, c, s, h = spec.jitter
+    factors = [_uniform(n, 1 - b, 1 + b, gen, device), _uniform(n, 1 - c, 1 + c, gen, device),
+               _uniform(n, 1 - s, 1 + s, gen, device), _uniform(n, -h, h, gen, device)]
+    order = torch.argsort(torch.rand(n, 4, generator=gen, device=device), dim=1)  # a random order per image
+    apply = torch.rand(n, generator=gen, device=device) < spec.jitter_p
+    col = lambda v: v[:, None, None, None]
+    for slot in range(4):
+        for op in range(4):
+            sel = col(apply & (order[:, slot] == op))
+            f = factors[op]
+            if op == 0:
+                y = x * col(f)
+            elif op == 1:
+                mean = col(_gray(x).mean((1, 2, 3)))
+                y = (x - mean) * col(f) + mean
+            elif op == 2:
+                y = _gray(x) + col(f) * (x - _gray(x))
+            else:
+                y = _shift_hue(x, f)
+            x = torch.where(sel, y.clamp(0, 1), x)
+    return x
+
+
+def _blur(x, spec, gen):
+    """torchvision's GaussianBlur (same kernel size, sigma uniform in (0.1, 2)), per image."""
+    n, _, H, _ = x.shape
+    k = spec.blur_kernel
+    p = spec.blur_p
+    sigma = _uniform(n, 0.1, 2.0, gen, x.device)
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kern = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (n*3, k)
+    y = x.reshape(1, n * 3, H, -1)
+    y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kern[:, None, None, :], groups=n * 3)
+    y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kern[:, None, :, None], groups=n * 3)
+    apply = (torch.rand(n, generator=gen, device=x.device) < p)[:, None, None, None]
+    return torch.where(apply, y.reshape(x.shape), x)
+
+
+def batched_view(x: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+    """One augmented view of a uint8 batch (B, 3, H, W) on any device, as floats in [0, 1]
+    (normalise afterwards). Every image draws its own parameters from gen."""
+    n, _, H, W = x.shape
+    dev = x.device
+    top, left, h, w = _crop_boxes(n, H, W, spec, gen, dev)
+    flip = torch.rand(n, generator=gen, device=dev) < spec.flip_p
+    # Crop + resize + flip as one affine resampling (grid_sample coordinates are in [-1, 1]).
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0] = torch.where(flip, -w / W, w / W)
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, (n, 3, spec.crop, spec.crop), align_corners=False)
+    # Keep samples between the crop's first and last pixel centres, as PIL's resize of a crop box
+    # does (otherwise edge samples would blend in half a pixel from outside the box).
+    lo = torch.stack([(2 * left + 1) / W - 1, (2 * top + 1) / H - 1], -1)[:, None, None]
+    hi = torch.stack([(2 * (left + w) - 1) / W - 1, (2 * (top + h) - 1) / H - 1], -1)[:, None, None]
+    grid = torch.maximum(torch.minimum(grid, hi), lo)
+    out = F.grid_sample(x.float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = _jitter(out, spec, gen)
+    gray = (torch.rand(n, generator=gen, device=dev) < spec.gray_p)[:, None, None, None]
+    out = torch.where(gray, _gray(out).expand_as(out), out)
+    if spec.blur_p > 0:
+        out = _blur(out, spec, gen)
+    solar = (torch.rand(n, generator=gen, device=dev) < spec.solarize_p)[:, None, None, None]
+    return torch.where(solar & (out >= 128 / 255), 1 - out, out)
+
+
+def images_as_tensor(base) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole data set as uint8 (N, 3, H, W) and labels (N,): CIFAR and STL-10 hold arrays already."""
+    import numpy as np
+    from torchvision.transforms.functional import pil_to_tensor
+    data = getattr(base, "data", None)
+    if isinstance(data, np.ndarray) and data.ndim == 4:
+        x = torch.from_numpy(data)
+        x = x.permute(0, 3, 1, 2) if x.shape[-1] == 3 else x  # CIFAR stores HWC, STL-10 CHW
+        labels = base.targets if hasattr(base, "targets") else base.labels
+        return x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    images = [pil_to_tensor(image.convert("RGB")) for image, _ in base]
+    if len({tuple(t.shape) for t in images}) > 1:
+        C.die("--augment-on device needs images of one size; use --augment-on loader for this data set")
+    return torch.stack(images), torch.tensor([y for _, y in base.samples] if hasattr(base, "samples") else base.targets)
+
+
+def device_views(images, labels, specs, batches: "EpochBatches", seed: int, memory_format):
+    """(x1, x2, y) batches like the loader's, drawn on the images' device. Each batch's draws come
+    from a generator seeded by (seed, epoch, its first image), so resuming stays exact."""
+    mean = torch.tensor(C.MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(C.STD, device=images.device)[:, None, None]
+    for keys in batches:
+        epoch, first = keys[0]
+        index = torch.tensor([i for _, i in keys], device=images.device)
+        gen = torch.Generator(device=images.device).manual_seed(item_seed(seed, epoch, first))
+        x = images[index]
+        x1, x2 = ((batched_view(x, spec, gen) - mean) / std for spec in specs)
+        yield x1.contiguous(memory_format=memory_format), x2.contiguous(memory_format=memory_format), labels[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,7 +899,11 @@ def train(args: Args) -> Learner:
     if args.compile:
         model = torch.compile(model)
 
-    train_set = TwoViews(base, view_transforms(crop, blur), args.seed)
+    specs = view_specs(crop, blur)
+    if args.augment_on == "device":
+        images, labels = (t.to(device) for t in images_as_tensor(base))
+    else:
+        train_set = TwoViews(base, tuple(map(pil_view, specs)), args.seed)
     test_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),
                                               batch_size=max(2, args.batch_size // world), num_workers=args.num_workers,
                                               pin_memory=cuda)
@@ -742,7 +935,11 @@ def train(args: Args) -> Learner:
         batches = EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, epoch,
                                step % steps_per_epoch, rank, world)
         t_epoch, epoch_start_step = time.perf_counter(), step
-        for x1, x2, y in loader_for(train_set, batches, args.num_workers, cuda):
+        if args.augment_on == "device":
+            source = device_views(images, labels, specs, batches, args.seed, memory_format)
+        else:
+            source = loader_for(train_set, batches, args.num_workers, cuda)
+        for x1, x2, y in source:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -2,7 +2,7 @@
 (Halvagal, Laborieux, Zenke, NeurIPS 2023): Figs. 2, 5 and 6, with the eigenmode theory drawn
 over the simulation.
 
-Reproduce the paper's toy figures (Figs. 2, 5, 6, summary.json; about 40 s on a 2-core CPU,
+Reproduce the paper's toy figures (Figs. 2, 5, 6, summary.json; about 30 s on a 2-core CPU,
 torch 2.14 CPU, one thread):
     python toy_linear.py
 Only some figures or settings, noise on both views, the notebook's 50,000 samples per step:
@@ -141,7 +141,12 @@ def predictor(W, uses_predictor, alpha):
 
 
 def expected_grad(W, WP, f, sigma, both):
-    """E[dL/dW] of the linear Euclidean loss 1/2 ||p - t||^2, in closed form.
+    """E[dL/dW] of the linear Euclidean loss 1/2 ||p - t||^2, in closed form: K W, see below."""
+    return expected_grad_matrix(WP, f, sigma, both) @ W
+
+
+def expected_grad_matrix(WP, f, sigma, both):
+    """K with E[dL/dW] = K W for the linear Euclidean loss; K depends on W only through W_P.
 
     With x1 = x (+ noise), x2 = x + noise: E[x1 x1^T] = a I, E[x2 x1^T] = I, E[x2 x2^T] = b I, so
     online branch: Q (a W_P - I) W with Q = W_P (standard) or I (IsoLoss drops W_P^T);
@@ -149,58 +154,83 @@ def expected_grad(W, WP, f, sigma, both):
     """
     cosine, _, iso, stopgrad = f
     a, b = 1 + both * sigma**2, 1 + sigma**2
-    eye = torch.eye(W.shape[1], dtype=W.dtype)
+    eye = torch.eye(WP.shape[-1], dtype=WP.dtype)
     Q = iso * eye + (1 - iso) * WP
-    return (Q @ (a * WP - eye) + (1 - stopgrad) * (b * eye - WP)) @ W
+    return Q @ (a * WP - eye) + (1 - stopgrad) * (b * eye - WP)
 
 
 def sampled_grad(W, WP, x1, x2, cosine, iso, no_sg, relu):
     """Average over the samples of the exact per-sample gradient dL/dW, for S runs at once.
 
     W (S, M, N); WP (S, M, M), or None when no run has a predictor; x1, x2 (B, N) shared by all
-    runs; cosine, relu: one bool for all runs of the call; iso: (S, 1) flags, 1 for IsoLoss;
-    no_sg: (S, 1) flags, 1 where the gradient also flows through the target, or None.
+    runs; cosine, relu: one bool for all runs of the call, or (S, 1) bool tensors, one flag per
+    run (then both losses, or both activations, are computed and each run takes its own);
+    iso: (S, 1) flags, 1 for IsoLoss; no_sg: (S, 1) flags, 1 where the gradient also flows
+    through the target, or None.
     The runs are stacked along the output axis, so that both products with x are single matrix
     multiplications: (B, N) @ (N, S*M) and (S*M, B) @ (B, N).
     """
     S, M, N = W.shape
     h1, h2 = (x @ W.reshape(S * M, N).T for x in (x1, x2))
     h1, h2 = h1.view(-1, S, M), h2.view(-1, S, M)
-    z, t = (h1.relu(), h2.relu()) if relu else (h1, h2)
+    # ReLU is max(h, 0) and the identity is max(h, -inf): a per-run floor serves both at once.
+    # Per-run flags are widened to (S, M): broadcasting an (S, 1) operand over the last axis is
+    # four times slower on the CPU than a contiguous (S, M) one.
+    floor = None
+    if isinstance(relu, torch.Tensor):
+        floor = torch.where(relu.expand(S, M), 0.0, -torch.inf).to(h1.dtype)
+    elif relu:
+        floor = torch.zeros((), dtype=h1.dtype)
+    z, t = (h1, h2) if floor is None else (torch.maximum(h1, floor), torch.maximum(h2, floor))
     p = z if WP is None else torch.einsum("bsm,smk->bsk", z, WP)  # W_P is symmetric
-    if cosine:  # L = -cos(p, t); the clamp only guards a ReLU output that is exactly zero
+    if cosine is not False:  # L = -cos(p, t); the clamp only guards a ReLU output that is zero
         n_p = p.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         n_t = t.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         p_hat, t_hat = p / n_p, t / n_t
         cos = (p_hat * t_hat).sum(-1, keepdim=True)
         d_p = (cos * p_hat - t_hat) / n_p  # dL/dp, orthogonal to p
-        d_t = (cos * t_hat - p_hat) / n_t  # dL/dt, orthogonal to t
-    else:  # L = 1/2 ||p - t||^2
-        d_p = p - t
-        d_t = -d_p
+        if no_sg is not None:
+            d_t = (cos * t_hat - p_hat) / n_t  # dL/dt, orthogonal to t
+    if isinstance(cosine, torch.Tensor):
+        cosine = cosine.expand(S, M).contiguous()
+    if cosine is not True:  # L = 1/2 ||p - t||^2
+        d_p_euc = p - t
+        if cosine is False:
+            d_p, d_t = d_p_euc, -d_p_euc  # (d_t is used only without stop-gradient)
+        else:  # per-run losses
+            d_p = torch.where(cosine, d_p, d_p_euc)
+            d_t = torch.where(cosine, d_t, -d_p_euc) if no_sg is not None else None
     d_z = d_p
     if WP is not None:  # chain rule through p = W_P z, except where IsoLoss drops W_P^T
         d_z = iso * d_p + (1 - iso) * torch.einsum("bsm,smk->bsk", d_p, WP)
-    if relu:
-        d_z = d_z * (h1 > 0)
+    if floor is not None:
+        d_z = d_z * (h1 > floor)
     G = d_z.reshape(-1, S * M).T @ x1
     if no_sg is not None:  # without stop-gradient the target branch contributes too
-        d_t = d_t * no_sg * (h2 > 0) if relu else d_t * no_sg
+        d_t = d_t * no_sg * (h2 > floor) if floor is not None else d_t * no_sg
         G = G + d_t.reshape(-1, S * M).T @ x2
     return G.view(S, M, N) / x1.shape[0]
 
 
-def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=False, label=""):
-    """Gradient descent of all runs of one block at once. W0: (M, N), or (S, M, N) per run.
+def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=False, label="",
+             one_call=False):
+    """Gradient descent of all runs of one block at once. W0: (M, N), or (S, M, N) per run;
+    relu: one bool for all runs, or one per run (linear and ReLU runs then share the samples).
+    Monte Carlo runs take one sampled_grad call per loss, or with one_call one for both losses
+    (each run computes both and keeps its own: fewer calls, twice the arithmetic, which pays
+    only with few samples, where the per-operation overhead of torch dominates).
 
     Returns the recorded steps (T,), the eigenvalues of W W^T (T, S, M), ascending, and with
     keep_W the weights (T, S, M, N).
     """
     S = len(names)
+    relu = list(relu) if isinstance(relu, (list, tuple)) else [relu] * S
+    cos_of = [parse(n)[0] for n in names]
     # order the runs [exact | Monte Carlo Euclidean | Monte Carlo cosine] so each group is a slice
-    mc = [not (args.exact and not relu and not parse(n)[0]) for n in names]
-    order = sorted(range(S), key=lambda s: (mc[s], parse(names[s])[0]))
+    mc = [not (args.exact and not relu[s] and not cos_of[s]) for s in range(S)]
+    order = sorted(range(S), key=lambda s: (mc[s], cos_of[s]))
     names, mc = [names[s] for s in order], [mc[s] for s in order]
+    relu, cos_of = [relu[s] for s in order], [cos_of[s] for s in order]
     W = W0.to(torch.float64).expand(S, *W0.shape[-2:])[order].clone()
     lrs = torch.tensor([lrs[s] for s in order], dtype=torch.float64).view(-1, 1, 1)
     f = flags(names)
@@ -208,14 +238,20 @@ def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=
     n_exact = mc.index(True) if any(mc) else S
     exact = slice(0, n_exact)
     f_exact = [v[exact] for v in f]
-    groups = []  # Monte Carlo groups: (slice, cosine, has predictor, iso flags, no-sg flags)
-    for cosine in (False, True):
-        idx = [s for s in range(n_exact, S) if parse(names[s])[0] == cosine]
+
+    def per_run(values):  # one bool if all runs of a group agree, else one flag per run
+        return values[0] if len(set(values)) == 1 else torch.tensor(values).view(-1, 1)
+
+    groups = []  # Monte Carlo groups: (slice, has predictor, sampled_grad flags)
+    for losses in ((False, True),) if one_call else ((False,), (True,)):
+        idx = [s for s in range(n_exact, S) if cos_of[s] in losses]
         if idx:
             g = slice(idx[0], idx[-1] + 1)
             no_sg = 1 - f[3][g].view(-1, 1).float()
-            groups.append((g, cosine, bool(uses_pred[g].any()), f[2][g].view(-1, 1).float(),
-                           no_sg if no_sg.any() else None))
+            groups.append((g, bool(uses_pred[g].any()),
+                           dict(cosine=per_run(cos_of[g]), relu=per_run(relu[g]),
+                                iso=f[2][g].view(-1, 1).float(),
+                                no_sg=no_sg if no_sg.any() else None)))
     any_pred = bool(uses_pred.any())
     both = float(args.noise_both_views)
     rec_steps, rec_lam, rec_W = [], [], []
@@ -228,6 +264,8 @@ def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=
                 raise SystemExit(f"{label}: {bad} diverged (non-finite W) before step {step}; "
                                  f"try a smaller learning rate")
             WP, lam = predictor(W, uses_pred, args.alpha)
+            # the exact runs' E[dL/dW] = K W; K changes only with W_P (not at all without one)
+            K = expected_grad_matrix(WP[exact], f_exact, args.sigma, both) if n_exact else None
         if record:
             rec_steps.append(step)
             rec_lam.append(lam)
@@ -237,7 +275,7 @@ def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=
             break
         G = torch.empty_like(W)
         if n_exact:
-            G[exact] = expected_grad(W[exact], WP[exact], f_exact, args.sigma, both)
+            G[exact] = K @ W[exact]
         if groups:
             # float32 samples: five times faster to draw, and their sampling error dwarfs
             # rounding. Antithetic noise: every x is used with +noise and -noise, so the part of
@@ -249,9 +287,9 @@ def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=
             if args.noise_both_views:
                 noise = args.sigma * torch.randn_like(x)
                 x1 = torch.cat([x + noise, x - noise])
-            for g, cosine, has_pred, iso, no_sg in groups:
+            for g, has_pred, group_flags in groups:
                 G[g] = sampled_grad(W[g].float(), WP[g].float() if has_pred else None, x1, x2,
-                                    cosine, iso, no_sg, relu)
+                                    **group_flags)
         W -= lrs * G
     back = np.argsort(order)  # undo the grouping
     out = dict(steps=np.array(rec_steps), lam=torch.stack(rec_lam).numpy()[:, back])
@@ -327,10 +365,13 @@ def summarise(labels, sim, th):
 
 
 def run_block(block, names, lrs, steps, relu, W0, args, samples, record_every=1, keep_W=False,
-              labels=None):
-    """Simulate one set of runs, attach the theory (linear only), print a progress line."""
+              labels=None, sim=None):
+    """Simulate one set of runs (unless `sim` holds them already), attach the theory (linear
+    only), print a progress line."""
     t0 = time.time()
-    sim = simulate(W0, names, lrs, steps, relu, args, samples, record_every, keep_W, label=block)
+    if sim is None:
+        sim = simulate(W0, names, lrs, steps, relu, args, samples, record_every, keep_W,
+                       label=block)
     th = None
     if not relu:
         both = float(args.noise_both_views)
@@ -409,8 +450,36 @@ def plot_eigen_grid(path, title, names, sims):
 
 # ---------------------------------------------------------------- the figures
 
-def fig2_or_6(fig, args, relu, names):
-    """Trajectory grid (N = 6, M = 2) and eigenvalue grid (N = 15, M = 10) for one activation."""
+def lr_of(name, args):
+    """Learning rate of a run in the eigenvalue panels."""
+    fast = name.startswith("cosine") or name == "euclidean-no-predictor"
+    return args.lr_fast if fast else args.lr
+
+
+def long_runs(args, figs, names):
+    """The long no-predictor eigenvalue runs of Figs. 2 and 6 (figs: {fig: relu}), simulated
+    together in one block: the linear and ReLU runs share the samples of each step, which halves
+    the steps executed in Python. Returns {fig: sim of that figure's runs}."""
+    long = [n for n in names if "no-predictor" in n]
+    if not long or not figs:
+        return {}
+    t0 = time.time()
+    runs = [(fig, n) for fig in figs for n in long]
+    sim = simulate(init_weights(args.seed, 10, 15), [n for _, n in runs],
+                   [lr_of(n, args) for _, n in runs], args.no_predictor_steps,
+                   [figs[fig] for fig, _ in runs], args, args.samples_long,
+                   max(1, args.no_predictor_steps // 1000), label="+".join(figs),
+                   one_call=True)  # 256 samples: per-operation overhead dominates
+    print(f"  {'+'.join(figs) + ' no-predictor runs':<32} {len(runs)} runs x "
+          f"{args.no_predictor_steps:>6} steps  {time.time() - t0:5.1f} s  (one shared simulation)",
+          flush=True)
+    return {fig: dict(steps=sim["steps"], lam=sim["lam"][:, i * len(long):(i + 1) * len(long)])
+            for i, fig in enumerate(figs)}
+
+
+def fig2_or_6(fig, args, relu, names, long_sim=None):
+    """Trajectory grid (N = 6, M = 2) and eigenvalue grid (N = 15, M = 10) for one activation.
+    long_sim: the no-predictor eigenvalue runs, if already simulated (see long_runs)."""
     act = "ReLU" if relu else "linear"
     out, summary = {}, {}
     # trajectories: every setting at lr, 1500 steps; 20 largest-norm of 5000 Gaussian inputs
@@ -432,17 +501,14 @@ def fig2_or_6(fig, args, relu, names):
     short = [n for n in names if "no-predictor" not in n]
     long = [n for n in names if "no-predictor" in n]
 
-    def lr_of(n):
-        fast = n.startswith("cosine") or n == "euclidean-no-predictor"
-        return args.lr_fast if fast else args.lr
-
     for group, steps, samples, every in ((short, args.steps, args.samples, 1),
                                          (long, args.no_predictor_steps, args.samples_long,
                                           max(1, args.no_predictor_steps // 1000))):
         if not group:
             continue
         sim, rows = run_block(block + (", no-predictor" if group is long else ""), group,
-                              [lr_of(n) for n in group], steps, relu, W0, args, samples, every)
+                              [lr_of(n, args) for n in group], steps, relu, W0, args, samples,
+                              every, sim=long_sim if group is long else None)
         summary[block].update(rows)
         sims.update({n: (sim, s) for s, n in enumerate(group)})
         tag = "long" if group is long else "short"
@@ -509,10 +575,12 @@ def main(args):
     relu_of = {"default": None, "linear": False, "relu": True}[args.activation]
     names = [n for n in SETTINGS if n in args.settings]
     summary = {}
-    for fig in args.figures:
-        relu = (fig == "fig6") if relu_of is None else relu_of
+    relu_of_fig = {fig: (fig == "fig6") if relu_of is None else relu_of for fig in args.figures}
+    long_sims = long_runs(args, {f: r for f, r in relu_of_fig.items() if f != "fig5"}, names)
+    for fig, relu in relu_of_fig.items():
         print(f"{fig} ({'ReLU' if relu else 'linear'})", flush=True)
-        summary.update(fig5(args, relu) if fig == "fig5" else fig2_or_6(fig, args, relu, names))
+        summary.update(fig5(args, relu) if fig == "fig5"
+                       else fig2_or_6(fig, args, relu, names, long_sims.get(fig)))
     with open(os.path.join(args.out_dir, "summary.json"), "w") as fh:
         json.dump(dict(args=vars(args), results=summary), fh, indent=1)
     print_table(summary)

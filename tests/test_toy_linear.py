@@ -90,6 +90,25 @@ def test_sampled_gradient_is_the_exact_gradient_of_each_settings_loss(relu):
         torch.testing.assert_close(G, Wr.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_one_call_with_per_run_loss_and_activation_flags_equals_separate_calls():
+    """simulate runs linear and ReLU, Euclidean and cosine runs in one sampled_grad call."""
+    torch.manual_seed(5)
+    names = EUC + COS
+    W = torch.randn(16, 10, 15, dtype=torch.float64) / 4
+    f = tl.flags(names * 2)
+    WP, _ = tl.predictor(W, f[1], 1.0)
+    x1 = torch.randn(64, 15, dtype=torch.float64)
+    x2 = x1 + 0.1 * torch.randn_like(x1)
+    relu = [False] * 8 + [True] * 8
+    cosine = [tl.parse(n)[0] for n in names * 2]
+    G = tl.sampled_grad(W, WP, x1, x2, torch.tensor(cosine).view(-1, 1), f[2].view(-1, 1),
+                        1 - f[3].view(-1, 1), torch.tensor(relu).view(-1, 1))
+    for s in range(16):
+        one = tl.sampled_grad(W[s:s + 1], WP[s:s + 1], x1, x2, cosine[s], f[2][s].view(-1, 1),
+                              1 - f[3][s].view(-1, 1), relu[s])
+        torch.testing.assert_close(G[s], one[0], rtol=1e-12, atol=1e-14, msg=str(s))
+
+
 @pytest.mark.parametrize("both", [False, True])
 def test_closed_form_expected_gradient_is_the_mean_of_sampled_gradients(both):
     torch.manual_seed(3)

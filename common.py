@@ -399,16 +399,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file, the fault, and what to do."""
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over path.
+def _atomic_write(path: str | Path, write, mode: str) -> None:
+    """write(file) into a temporary file in the same folder, fsync, then rename over path.
 
     A kill at any moment leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -416,6 +416,16 @@ def atomic_save(obj, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save, atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """A text file (JSON, metrics), atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: f.write(text), "w")
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -48,7 +48,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -466,53 +465,8 @@ def knn_scores(train_x, train_y, test_x, n_classes, k, temperature, chunk=1024) 
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark hook: cached features vs the frozen backbone every epoch
-# ---------------------------------------------------------------------------------------------
-
-
-def time_cached_vs_uncached(backbone, train_set, n_classes, epochs=10, device="cpu", batch_size=256,
-                            num_workers=0, lr=0.3, wd=1e-4) -> dict:
-    """Seconds for `epochs` of SGD linear evaluation two ways (for bench.py).
-
-    cached: extract the features once, then SGD on the feature tensor (what main() does).
-    uncached: the same SGD, but the frozen backbone recomputes the (un-augmented) features of
-    every batch every epoch, as a naive implementation (or --augment) does.
-    """
-    device = torch.device(device)
-    backbone = freeze(backbone.to(device))
-    args = Args(checkpoint="", classifier="sgd", epochs=epochs, batch_size=batch_size, num_workers=num_workers)
-    t0 = time.perf_counter()
-    x, y = extract_features(backbone, train_set, device, batch_size, num_workers, label="bench")
-    x, y = x.to(device), y.to(device)
-    fit_readout(x, y, n_classes, "sgd", lr, wd, args)
-    cached = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    steps = epochs * math.ceil(len(train_set) / batch_size)
-    batches = backbone_batches(backbone, train_set, device, epochs, batch_size, num_workers, "float32", 0)
-    fit_readout(x, y, n_classes, "sgd", lr, wd, args, batches=batches, steps=steps)
-    uncached = time.perf_counter() - t0
-    return dict(cached_s=cached, uncached_s=uncached, epochs=epochs, n_images=len(train_set))
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    """Like common.atomic_save, for text: the old file stays whole until the new one is complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def augment_transform(crop: int):
@@ -627,7 +581,7 @@ def main(args: Args) -> dict:
     )
     common.atomic_save(dict(readout=readout.state_dict(), n_classes=n_classes, backbone_sha256=reference),
                        out_dir / "linear_classifier.pt")
-    write_json_atomic(result, out_dir / "linear_eval.json")
+    common.atomic_write_text(out_dir / "linear_eval.json", json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"wrote {out_dir / 'linear_eval.json'}")
     return result

@@ -781,13 +781,7 @@ def export_backbone(learner: Learner, out: Path, small_stem: bool, crop: int, ar
     C.atomic_save(state, out / "backbone.pt")
     meta = dict(arch="resnet18", width=args.width, small_stem=small_stem, out_dim=learner.backbone.out_dim,
                 dataset=args.dataset, crop=crop, mean=C.MEAN, std=C.STD, step=step, name=args.name)
-    write_text_atomic(out / "backbone.json", json.dumps(meta, indent=1) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    C.atomic_write_text(out / "backbone.json", json.dumps(meta, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,11 +875,11 @@ def train(args: Args) -> Learner:
                 (out / name).unlink(missing_ok=True)
         for stale in out.glob(".*.tmp"):  # left by a process killed while it was saving
             stale.unlink()
-        write_text_atomic(out / "config.json", json.dumps(dataclasses.asdict(args), indent=1) + "\n")
+        C.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(args), indent=1) + "\n")
         # metrics.jsonl holds exactly the epochs up to the checkpoint: lines a killed run wrote
         # after its last checkpoint are dropped, and will be written again identically.
         kept = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= step]
-        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        C.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     model = learner
     if world > 1:

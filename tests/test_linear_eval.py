@@ -325,16 +325,9 @@ def test_knn_hand_made():
     assert L.topk_accuracy(s_all, torch.tensor([2]), ks=(1, 5)) == [0.0, 1.0]
 
 
-def test_cached_vs_uncached_timing_hook(data):
-    ds = common.load_dataset("cifar10", data, "train", common.eval_transform("cifar10", 32))
-    t = L.time_cached_vs_uncached(backbone(), ds, N_CLASSES, epochs=2, batch_size=64)
-    assert t["cached_s"] > 0 and t["uncached_s"] > 0 and t["n_images"] == len(ds)
-
-
 # --- the training scripts' output ----------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (ROOT / "train_byol.py").exists(), reason="train_byol.py not in this checkout")
 def test_evaluates_backbone_and_last_checkpoint_of_a_short_byol_run(data, tmp_path):
     run = tmp_path / "run"
     p = subprocess.run([sys.executable, str(ROOT / "train_byol.py"), "byol", "--dataset", "cifar10", "--data-dir",

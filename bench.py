@@ -1,0 +1,333 @@
+"""Measured speed, side by side: our code against the straightforward way of doing the same work.
+
+    python bench.py                                  # every section, under 5 minutes on 2 CPU cores
+    python bench.py --sections predictor data        # some of them
+
+Absolute times on a shared machine are noise; ratios taken in one run are not. Each section
+times ours and a baseline in the same process (the toy suite in a subprocess, as a user runs it)
+and prints a Markdown table; bench.json in --out-dir holds every number.
+
+  toy        the full default `python toy_linear.py` vs the notebook-style update (50,000 fresh
+             samples per step, a general eigendecomposition of W W^T per step, autograd, one
+             setting at a time), the latter timed over a sample of steps of every run and
+             extrapolated to the paper's step counts.
+  predictor  ClosedFormPredictor update + predict of both views (one symmetric eigh in float64)
+             vs a general eigendecomposition per view (d = 256, batch 256), and its share of a
+             full training step (ResNet-18, batch 256, 32 x 32, from the `step` section).
+  step       training-step throughput of train_byol.py's model (BYOL preset, ResNet-18 width 1,
+             32 x 32) at batch 64 and 256, fp32 / bf16 autocast, with and without channels_last.
+  data       the two-view augmentation: images/s per data-loader worker (PIL path) and of the
+             batched device path on this CPU, and the workers a GPU run would need.
+  lineval    offline linear evaluation with cached features vs the frozen backbone re-run every
+             epoch, extrapolated from 1 and 3 measured epochs to the default 100.
+  memory     peak RSS of a process that runs training steps at batch 64 (fp32, the BYOL preset).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+Section = Literal["toy", "predictor", "step", "data", "lineval", "memory"]
+
+
+@dataclass
+class Args:
+    sections: tuple[Section, ...] = ("toy", "predictor", "step", "data", "lineval", "memory")
+    """which measurements to run"""
+    out_dir: str = "runs/bench"
+    """where bench.json goes"""
+    repeats: int = 3
+    """timed repetitions of the short measurements (the median is reported)"""
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of fn() over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The toy suite
+# ---------------------------------------------------------------------------------------------
+
+# The default run (SPEC section 5): (figure block, N, M, relu, setting, steps, learning rate).
+def toy_runs():
+    import toy_linear as T
+    a = T.Args()
+    runs = []
+    for fig, relu in (("fig2", False), ("fig6", True)):
+        for s in T.SETTINGS:
+            runs.append((f"{fig}-trajectories", 6, 2, relu, s, a.steps, a.lr))
+            fast = s.startswith("cosine") or s == "euclidean-no-predictor"
+            steps = a.no_predictor_steps if s.endswith("no-predictor") else a.steps
+            runs.append((f"{fig}-eigenvalues", 15, 10, relu, s, steps, a.lr_fast if fast else a.lr))
+    runs += [("fig5", 6, 2, False, f"{loss}-standard", a.steps, a.lr) for loss in ("euclidean", "cosine") for _ in range(3)]
+    return runs
+
+
+def notebook_step(W, setting: str, relu: bool, lr: float, samples: int = 50_000, sigma: float = 0.1):
+    """One update as the authors' notebook does it: fresh samples, a general eigendecomposition of
+    W W^T for the predictor, the loss through autograd."""
+    import common as C
+    loss_name, variant = setting.split("-", 1)
+    x1 = torch.randn(samples, W.shape[1])
+    x2 = x1 + sigma * torch.randn_like(x1)
+    lam, U = torch.linalg.eig(W.detach() @ W.detach().T)
+    U_inv = torch.linalg.inv(U)
+    WP = (U @ torch.diag(lam) @ U_inv).real  # alpha = 1
+    WP_sqrt = (U @ torch.diag(lam.sqrt()) @ U_inv).real
+    W = W.detach().requires_grad_(True)
+    act = torch.relu if relu else (lambda v: v)
+    z, t = act(x1 @ W.T), act(x2 @ W.T)
+    p = z if variant == "no-predictor" else z @ WP.T
+    if variant == "isoloss":
+        loss = C.iso_euclidean_loss(z, p, t) / 2 if loss_name == "euclidean" else \
+            C.iso_cosine_loss(z, p, z @ WP_sqrt.T, t) / 2
+    else:
+        fn = C.euclidean_loss if loss_name == "euclidean" else C.cosine_loss
+        loss = fn(p, t, stop_grad=variant != "no-stopgrad") / 2
+    loss.backward()
+    return (W - lr * W.grad).detach()
+
+
+def bench_toy(args: Args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "toy_linear.py", "--out-dir", tmp], cwd=REPO, capture_output=True, text=True)
+        ours = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"toy_linear.py failed:\n{r.stderr}")
+    torch.set_num_threads(2)
+    total, per_block, sample_steps = 0.0, {}, 5
+    for block, N, M, relu, setting, steps, lr in toy_runs():
+        W = torch.randn(M, N) / 4
+        def run():
+            nonlocal W
+            W = notebook_step(W, setting, relu, lr)
+        per_step = timed(lambda: [run() for _ in range(sample_steps)], repeats=1) / sample_steps
+        total += per_step * steps
+        per_block[block] = per_block.get(block, 0.0) + per_step * steps
+    rows = [("default toy suite (Figs. 2, 5, 6)", f"{ours:.1f} s", f"{total:.0f} s (extrapolated)", f"{total / ours:.0f}x")]
+    print(table(rows, ("toy", "ours (measured)", "notebook-style", "speed-up")))
+    return dict(ours_s=ours, notebook_s=total, speedup=total / ours, notebook_blocks_s=per_block)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The closed-form predictor
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_predictor(args: Args, step_s: float | None) -> dict:
+    import common as C
+    torch.manual_seed(0)
+    d, B = 256, 256
+    z1, z2 = torch.randn(B, d), torch.randn(B, d)
+    pred = C.ClosedFormPredictor(d, alpha=0.5, eps=0.0, tau=0.998)
+
+    def ours():
+        pred.update(torch.cat([z1, z2]))
+        pred(z1), pred(z2)
+
+    def general(dtype):
+        Cm = torch.zeros(d, d, dtype=dtype)
+
+        def run():
+            nonlocal Cm
+            for z in (z1, z2):  # the predictor recomputed where it is applied, once per view
+                z = z.to(dtype)
+                Cm = 0.998 * Cm + 0.002 * z.T @ z / B
+                s, U = torch.linalg.eig(Cm)
+                s = s.real.clamp_min(0) / s.real.max()
+                W = (U @ torch.diag(s.to(U.dtype) ** 0.5) @ torch.linalg.inv(U)).real
+                z @ W
+        return run
+
+    t_ours = timed(ours, args.repeats * 5)
+    t32, t64 = timed(general(torch.float32), args.repeats * 5), timed(general(torch.float64), args.repeats * 5)
+    share = f"{100 * t_ours / step_s:.2f}%" if step_s else "-"
+    rows = [("ours: one eigh (float64) per step", f"{1e3 * t_ours:.2f}", "1.0x", share),
+            ("general eig per view, float32", f"{1e3 * t32:.2f}", f"{t32 / t_ours:.1f}x", ""),
+            ("general eig per view, float64", f"{1e3 * t64:.2f}", f"{t64 / t_ours:.1f}x", "")]
+    print(table(rows, ("closed-form predictor, d 256, batch 256", "ms/step", "baseline / ours", "share of a batch-256 step")))
+    return dict(ours_ms=1e3 * t_ours, general_f32_ms=1e3 * t32, general_f64_ms=1e3 * t64,
+                speedup_f32=t32 / t_ours, speedup_f64=t64 / t_ours, share_of_step=t_ours / step_s if step_s else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Training step throughput, and 5. memory
+# ---------------------------------------------------------------------------------------------
+
+
+def make_step(batch: int, channels_last: bool, bf16: bool):
+    """A full train_byol.py step (BYOL preset: EMA target, MLP predictor, LARS, readout) on random 32 x 32 views."""
+    import train_byol as Tb
+    args = replace(Tb.PRESETS["byol"][1], batch_size=batch)
+    learner = Tb.Learner(args, 10, small_stem=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    learner = learner.to(memory_format=fmt)
+    opt = Tb.make_optimizer(args, [*learner.online_parameters(), *learner.predictor.parameters()])
+    ropt = torch.optim.SGD(learner.readout.parameters(), lr=0.1, momentum=0.9)
+    x1, x2 = (torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt) for _ in range(2))
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = learner(x1, x2, y)[0]
+        opt.zero_grad(set_to_none=True)
+        ropt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ropt.step()
+        Tb.ema_update(learner.target, learner.online_parameters(), 0.99)
+    return step
+
+
+def bench_step(args: Args) -> dict:
+    results, rows = {}, []
+    for batch in (64, 256):
+        for bf16 in (False, True):
+            for cl in (False, True):
+                t = timed(make_step(batch, cl, bf16), repeats=1 if batch == 256 else 2)
+                key = f"b{batch}-{'bf16' if bf16 else 'fp32'}-{'cl' if cl else 'nchw'}"
+                results[key] = dict(step_s=t, images_per_s=batch / t)
+                rows.append((batch, "bf16" if bf16 else "fp32", "yes" if cl else "no", f"{t:.2f}", f"{batch / t:.1f}"))
+    print(table(rows, ("batch", "autocast", "channels_last", "s/step", "images/s (pairs)")))
+    return results
+
+
+def bench_memory(args: Args) -> dict:
+    code = ("import resource, bench, torch; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "s = bench.make_step(64, False, False); [s() for _ in range(3)]; "
+            "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    base_kb, peak_kb = map(int, out.split()[-2:])
+    rows = [("training step, batch 64, fp32 (BYOL preset, width 1)", f"{peak_kb / 1024:.0f} MiB",
+             f"{(peak_kb - base_kb) / 1024:.0f} MiB")]
+    print(table(rows, ("peak RSS", "process", "above `import torch`")))
+    return dict(peak_rss_mib=peak_kb / 1024, above_import_mib=(peak_kb - base_kb) / 1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. (continued) The data pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_data(args: Args, step: dict | None) -> dict:
+    import numpy as np
+    from PIL import Image
+    import train_byol as Tb
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
+    base = [(Image.fromarray(a), 0) for a in arrays]
+    specs = Tb.view_specs(32, (0.0, 0.0))
+    views = Tb.TwoViews(base, tuple(map(Tb.pil_view, specs)), seed=0)
+    torch.set_num_threads(1)  # one loader worker is one process on one core
+    pil = len(base) / timed(lambda: [views[(0, i)] for i in range(len(base))], repeats=1)
+    torch.set_num_threads(2)
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+    batches = [[(0, i) for i in range(256)], [(0, i) for i in range(256, 512)]]
+    device = len(base) / timed(lambda: list(Tb.device_views(images, torch.zeros(512), specs, batches, 0,
+                                                            torch.contiguous_format)), repeats=args.repeats)
+    gpu_rate = 20_000
+    rows = [("PIL path, one loader worker (one core)", f"{pil:.0f}", f"{math.ceil(gpu_rate / pil)} workers"),
+            ("batched device path, on this CPU (2 threads)", f"{device:.0f}", "runs on the GPU itself")]
+    if step:
+        best = max(v["images_per_s"] for k, v in step.items() if k.startswith("b256"))
+        rows.append(("model step on this CPU (batch 256, best config)", f"{best:.0f}", "the model limits here"))
+    print(table(rows, ("two-view augmentation, 32 x 32", "images/s", f"to feed {gpu_rate} images/s")))
+    return dict(pil_per_worker=pil, device_path_cpu=device, workers_for_gpu=math.ceil(gpu_rate / pil))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Offline linear evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_lineval(args: Args) -> dict:
+    import common as C
+    import linear_eval as L
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_data import write_cifar10
+    torch.manual_seed(0)
+    backbone = L.freeze(C.resnet18(1.0, small_stem=True))
+    lin = L.Args(checkpoint="", classifier="sgd", num_workers=0)
+    E, k, lr, wd = lin.epochs, 2, lin.lrs[0], lin.wds[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cifar10(tmp, n_train_per_class=50, n_test_per_class=1)
+        train = C.load_dataset("cifar10", tmp, "train", C.eval_transform("cifar10", 32))
+        t0 = time.perf_counter()
+        x, y = L.extract_features(backbone, train, torch.device("cpu"), lin.batch_size, 0, label="bench")
+        t_extract = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        L.fit_readout(x, y, 10, "sgd", lr, wd, lin)
+        cached = t_extract + time.perf_counter() - t0  # all E epochs, measured
+        # The baseline re-runs the backbone for every batch: k epochs measured, the rest at that rate.
+        short = replace(lin, epochs=k)
+        t0 = time.perf_counter()
+        batches = L.backbone_batches(backbone, train, torch.device("cpu"), k, lin.batch_size, 0, "float32", 0)
+        slow = L.fit_readout(x, y, 10, "sgd", lr, wd, short, batches, k * math.ceil(len(y) / lin.batch_size))
+        uncached = (time.perf_counter() - t0) * E / k
+        fast = L.fit_readout(x, y, 10, "sgd", lr, wd, short)
+    # Same features, so the same accuracy up to the minibatch order: compare after k epochs.
+    acc = [L.topk_accuracy(r(x), y, ks=(1,))[0] for r in (fast, slow)]
+    rows = [(f"{E} epochs, {len(y)} images, ResNet-18 width 1", f"{cached:.1f} s", f"{uncached:.0f} s (extrapolated)",
+             f"{uncached / cached:.0f}x", f"{100 * acc[0]:.1f}% / {100 * acc[1]:.1f}%")]
+    print(table(rows, ("offline linear eval (SGD)", "cached features", "backbone every epoch", "speed-up",
+                       f"train top-1 after {k} epochs")))
+    return dict(epochs=E, images=len(y), cached_s=cached, uncached_s=uncached, speedup=uncached / cached,
+                extract_s=t_extract, top1_after_k_epochs=dict(k=k, cached=acc[0], uncached=acc[1]))
+
+
+def main(args: Args) -> dict:
+    sys.path.insert(0, str(REPO))
+    print(f"bench.py: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n", flush=True)
+    results, t0 = {}, time.perf_counter()
+    for name in ("toy", "step", "predictor", "data", "lineval", "memory"):  # step first: predictor and data use it
+        if name not in args.sections:
+            continue
+        print(f"## {name}", flush=True)
+        if name == "predictor":
+            step = results.get("step", {}).get("b256-fp32-nchw", {}).get("step_s")
+            results[name] = bench_predictor(args, step)
+        elif name == "data":
+            results[name] = bench_data(args, results.get("step"))
+        else:
+            results[name] = globals()[f"bench_{name}"](args)
+        print(flush=True)
+    results["seconds"] = time.perf_counter() - t0
+    results["machine"] = dict(torch=torch.__version__, cpus=os.cpu_count(), python=sys.version.split()[0])
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"bench.py took {results['seconds']:.0f} s; numbers in {Path(args.out_dir) / 'bench.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

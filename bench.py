@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -220,9 +219,11 @@ def bench_step(args: Args) -> dict:
 
 
 def bench_memory(args: Args) -> dict:
-    code = ("import resource, bench, torch; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "s = bench.make_step(64, False, False); [s() for _ in range(3)]; "
-            "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM (peak resident set) of a fresh process; ru_maxrss would count the parent's pages too.
+    code = ("import bench, torch\n"
+            "kb = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key)))\n"
+            "base = kb('VmRSS:'); s = bench.make_step(64, False, False); [s() for _ in range(3)]\n"
+            "print(base, kb('VmHWM:'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     base_kb, peak_kb = map(int, out.split()[-2:])
     rows = [("training step, batch 64, fp32 (BYOL preset, width 1)", f"{peak_kb / 1024:.0f} MiB",

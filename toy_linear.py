@@ -51,12 +51,6 @@ What the default run shows (linear, N = 15, M = 10, 1500 steps), theory against 
   * Cosine ablations, where the theory has no answer: without stop-gradient W W^T collapses onto
     two modes (near 3.9 and 4.05; mean field: one mode); without predictor mean field predicts no
     motion, but the spectrum slowly evens out (0.60 to 0.87 after 100,000 steps).
-Theory (dashed lines on every linear eigenvalue panel): each mode's eigenvalue evolves on its own,
-lambda_m <- (1 - eta g_m)^2 lambda_m per step, where g_m is the gradient's eigenvalue in that
-mode (SPEC section 4 writes the same as the flow d lambda_m/dt = -2 eta g_m lambda_m). For the
-Euclidean loss this is exact; for the cosine loss it is the mean-field approximation (norms and
-dot products replaced by their expectations). The largest relative deviation between simulation
-and theory is reported per run.
 """
 
 import json

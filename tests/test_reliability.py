@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIMING = {"images_per_s", "wall_time_s"}  # the only fields of metrics.jsonl that may differ between runs
 
 # A subprocess that runs train_byol.main with the same kernels as the in-process runs of this module
-# (see _no_onednn), optionally hanging in the middle of writing the checkpoint of step SLOW_SAVE_AT.
+# (see conftest.no_onednn), optionally hanging in the middle of writing the checkpoint of step SLOW_SAVE_AT.
 WRAPPER = """
 import io, os, sys, time
 import torch
@@ -44,13 +44,7 @@ train_byol.main(argv=sys.argv[1:])
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_onednn():
-    """oneDNN compiles kernels per tensor shape, slow for these tiny runs; restored after each test."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = before
+pytestmark = pytest.mark.usefixtures("no_onednn")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

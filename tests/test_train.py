@@ -28,14 +28,7 @@ METRIC_KEYS = {"epoch", "step", "loss", "cosine_loss", "readout_loss", "online_r
                "collapse_warning"}
 
 
-@pytest.fixture(autouse=True)
-def _no_onednn():
-    """oneDNN compiles a kernel for every new tensor shape, seconds each on this tiny, ever-changing
-    workload; the plain CPU kernels are much faster here. Restored after each test."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = before
+pytestmark = pytest.mark.usefixtures("no_onednn")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -590,4 +590,4 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

@@ -585,4 +585,4 @@ def main(args):
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

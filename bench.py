@@ -190,18 +190,13 @@ def make_step(batch: int, channels_last: bool, bf16: bool):
     learner = learner.to(memory_format=fmt)
     opt = Tb.make_optimizer(args, [*learner.online_parameters(), *learner.predictor.parameters()])
     ropt = torch.optim.SGD(learner.readout.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     x1, x2 = (torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt) for _ in range(2))
     y = torch.randint(0, 10, (batch,))
+    autocast = lambda: torch.autocast("cpu", torch.bfloat16, enabled=bf16)  # noqa: E731
 
     def step():
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = learner(x1, x2, y)[0]
-        opt.zero_grad(set_to_none=True)
-        ropt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ropt.step()
-        Tb.ema_update(learner.target, learner.online_parameters(), 0.99)
+        Tb.train_step(learner, learner, opt, ropt, scaler, x1, x2, y, autocast, 0.99)
     return step
 
 

@@ -97,6 +97,18 @@ class LinearPredictor(nn.Linear):
 CLOSED_FORM = {"directpred": dict(alpha=0.5, eps=0.0), "directcopy": dict(alpha=1.0, eps=0.25)}
 
 
+@torch.no_grad()
+def correlation_batch(z: torch.Tensor) -> torch.Tensor:
+    """Z^T Z / B in float64 (not centred), averaged over ranks under torch.distributed: the batch
+    term of the running correlation matrix C, the same on every rank."""
+    z = z.detach().to(torch.float64)
+    batch = z.T @ z / z.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch)
+        batch /= dist.get_world_size()
+    return batch
+
+
 class ClosedFormPredictor(nn.Module):
     """W_P = U diag(s_hat^alpha) U^T from a running correlation matrix C of the online outputs.
 
@@ -124,11 +136,7 @@ class ClosedFormPredictor(nn.Module):
 
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> None:
-        z = z.detach().to(torch.float64)
-        batch = z.T @ z / z.shape[0]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch)
-            batch /= dist.get_world_size()
+        batch = correlation_batch(z)
         # One host sync per step; eigh below synchronises on CUDA anyway. Checked after the
         # all-reduce so that every rank raises together instead of one rank hanging.
         if not torch.isfinite(batch).all():

@@ -554,13 +554,8 @@ class Learner(nn.Module):
 
 @torch.no_grad()
 def track_correlation(Cm: torch.Tensor, z: torch.Tensor, tau: float) -> None:
-    """C <- tau C + (1 - tau) Z^T Z / B, the batch term averaged over ranks (as ClosedFormPredictor.update)."""
-    z = z.to(torch.float64)
-    batch = z.T @ z / z.shape[0]
-    if dist.is_initialized():
-        dist.all_reduce(batch)
-        batch /= dist.get_world_size()
-    Cm.mul_(tau).add_(batch, alpha=1 - tau)
+    """C <- tau C + (1 - tau) Z^T Z / B, as ClosedFormPredictor.update does (for logging only)."""
+    Cm.mul_(tau).add_(C.correlation_batch(z), alpha=1 - tau)
 
 
 @torch.no_grad()
@@ -940,20 +935,13 @@ def train(args: Args) -> Learner:
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            try:
-                with autocast():
-                    loss, ssl, plain, ce, std = model(x1, x2, y)
-            except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
-                C.die(f"step {step + 1}: {e}. {stopped_message(out)}")
-            optimizer.zero_grad(set_to_none=True)
-            readout_optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.step(readout_optimizer)
-            scaler.update()
             if learner.target is not None:
                 tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
-                ema_update(learner.target, learner.online_parameters(), tau)
+            try:
+                loss, ssl, plain, ce, std = train_step(model, learner, optimizer, readout_optimizer, scaler,
+                                                       x1, x2, y, autocast, tau)
+            except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
+                C.die(f"step {step + 1}: {e}. {stopped_message(out)}")
             # Bookkeeping on the device: no host synchronisation except on logging steps.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
             sums += torch.stack([ssl, plain, ce, std]).double()
@@ -1000,6 +988,23 @@ def train(args: Args) -> Learner:
         dist.barrier()
         dist.destroy_process_group()
     return learner
+
+
+def train_step(model, learner: Learner, optimizer, readout_optimizer, scaler, x1, x2, y, autocast, tau):
+    """One optimisation step: both views forward, backward, both optimisers, then the EMA target
+    (tau None: no target). Returns the model's outputs (loss, ssl, plain cosine, readout, std); no
+    host synchronisation. bench.py times this same function."""
+    with autocast():
+        loss, ssl, plain, ce, std = model(x1, x2, y)
+    optimizer.zero_grad(set_to_none=True)
+    readout_optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.step(readout_optimizer)
+    scaler.update()
+    if tau is not None:
+        ema_update(learner.target, learner.online_parameters(), tau)
+    return loss, ssl, plain, ce, std
 
 
 def average_batchnorm_statistics(learner: Learner) -> None:

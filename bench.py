@@ -235,18 +235,18 @@ def bench_memory(args: Args) -> dict:
 def bench_data(args: Args, step: dict | None) -> dict:
     import numpy as np
     from PIL import Image
-    import train_byol as Tb
+    import data as D
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
     base = [(Image.fromarray(a), 0) for a in arrays]
-    specs = Tb.view_specs(32, (0.0, 0.0))
-    views = Tb.TwoViews(base, tuple(map(Tb.pil_view, specs)), seed=0)
+    specs = D.view_specs(32, (0.0, 0.0))
+    views = D.TwoViews(base, tuple(map(D.pil_view, specs)), seed=0)
     torch.set_num_threads(1)  # one loader worker is one process on one core
     pil = len(base) / timed(lambda: [views[(0, i)] for i in range(len(base))], repeats=1)
     torch.set_num_threads(2)
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
     batches = [[(0, i) for i in range(256)], [(0, i) for i in range(256, 512)]]
-    device = len(base) / timed(lambda: list(Tb.device_views(images, torch.zeros(512), specs, batches, 0,
+    device = len(base) / timed(lambda: list(D.device_views(images, torch.zeros(512), specs, batches, 0,
                                                             torch.contiguous_format)), repeats=args.repeats)
     gpu_rate = 20_000
     rows = [("PIL path, one loader worker (one core)", f"{pil:.0f}", f"{math.ceil(gpu_rate / pil)} workers"),
@@ -265,6 +265,7 @@ def bench_data(args: Args, step: dict | None) -> dict:
 
 def bench_lineval(args: Args) -> dict:
     import common as C
+    import data as D
     import linear_eval as L
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_data import write_cifar10
@@ -274,7 +275,7 @@ def bench_lineval(args: Args) -> dict:
     E, k, lr, wd = lin.epochs, 2, lin.lrs[0], lin.wds[0]
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(tmp, n_train_per_class=50, n_test_per_class=1)
-        train = C.load_dataset("cifar10", tmp, "train", C.eval_transform("cifar10", 32))
+        train = D.load_dataset("cifar10", tmp, "train", D.eval_transform("cifar10", 32))
         t0 = time.perf_counter()
         x, y = L.extract_features(backbone, train, torch.device("cpu"), lin.batch_size, 0, label="bench")
         t_extract = time.perf_counter() - t0
@@ -289,7 +290,7 @@ def bench_lineval(args: Args) -> dict:
         uncached = (time.perf_counter() - t0) * E / k
         fast = L.fit_readout(x, y, 10, "sgd", lr, wd, short)
     # Same features, so the same accuracy up to the minibatch order: compare after k epochs.
-    acc = [L.topk_accuracy(r(x), y, ks=(1,))[0] for r in (fast, slow)]
+    acc = [C.topk_accuracy(r(x), y, ks=(1,))[0] for r in (fast, slow)]
     rows = [(f"{E} epochs, {len(y)} images, ResNet-18 width 1", f"{cached:.1f} s", f"{uncached:.0f} s (extrapolated)",
              f"{uncached / cached:.0f}x", f"{100 * acc[0]:.1f}% / {100 * acc[1]:.1f}%")]
     print(table(rows, ("offline linear eval (SGD)", "cached features", "backbone every epoch", "speed-up",

@@ -1,16 +1,17 @@
-"""The shared core: predictors, the running correlation matrix, the losses, and a few helpers.
+"""The shared core: the paper's math first, then the backbone, then the plumbing every script uses.
 
 Map to the paper (Halvagal, Laborieux & Zenke, "Implicit variance regularization in
 non-contrastive SSL", NeurIPS 2023) and to ../shared/SPEC.md:
 
-  cosine_loss, euclidean_loss        SPEC 3: L_cos = 2 - 2 cos(p, t), L_euc = |p - t|^2
+  cosine_loss, euclidean_loss         SPEC 3: L_cos = 2 - 2 cos(p, t), L_euc = |p - t|^2
   iso_euclidean_loss, iso_cosine_loss SPEC 3: IsoLoss, the same gradient with W_P^T removed
-  symmetric_loss                      SPEC 1: both view orders, summed (not averaged)
   MLPPredictor, LinearPredictor       SPEC 2: BYOL/SimSiam predictor; learnable W (Fig. 4)
-  ClosedFormPredictor                 SPEC 2: DirectPred / DirectCopy, W_P = U diag(s_hat^a) U^T
-  participation_ratio, normalized_std, eigenvector_alignment: what the runs log (SPEC 6)
-  resnet18, load_dataset, eval_transform: the backbone and data shared by training and evaluation
-  pick_device, atomic_save, load_checkpoint, Progress: plumbing every script needs
+  correlation_batch, ClosedFormPredictor  SPEC 2: C <- tau C + (1 - tau) Z^T Z / B, eigh, W_P = U diag(s_hat^a) U^T
+  symmetric_loss                      SPEC 1: both view orders, summed (not averaged)
+  participation_ratio, normalized_std, eigenvector_alignment, centred_spectrum, effective_rank,
+  knn_scores, topk_accuracy           what the runs log (SPEC 6) and how collapse is told from health
+  resnet18                            the backbone, with torchvision's parameter names
+  pick_device, atomic_save, load_checkpoint, Progress, die: plumbing every script needs
 
 Conventions: a batch is (B, d); every loss is a per-sample loss averaged over the batch; the
 target t is detached inside the loss (stop-gradient), except where `stop_grad=False` asks for
@@ -31,9 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------
-# Losses (SPEC section 3)
-# ---------------------------------------------------------------------------------------------
+# --- Losses (SPEC section 3) -----------------------------------------------------------------
 
 
 def cosine_loss(p: torch.Tensor, t: torch.Tensor, stop_grad: bool = True) -> torch.Tensor:
@@ -51,21 +50,15 @@ def euclidean_loss(p: torch.Tensor, t: torch.Tensor, stop_grad: bool = True) -> 
 
 
 def iso_euclidean_loss(z: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """IsoLoss, Euclidean: |z - sg(t + z - p)|^2.
-
-    Its value is |p - t|^2, but the gradient reaches z directly, as 2 (p - t), instead of
-    through the predictor, as 2 W_P^T (p - t): every eigenmode learns at the same speed.
-    """
+    """IsoLoss, Euclidean: |z - sg(t + z - p)|^2. Its value is |p - t|^2, but the gradient reaches z
+    directly, as 2 (p - t), not as 2 W_P^T (p - t): every eigenmode learns at the same speed."""
     return (z - (t + z - p).detach()).pow(2).sum(-1).mean()
 
 
 def iso_cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """IsoLoss, cosine: -2 [ z.t / sg(|p||t|) - 1/2 sg(p.t / (|p|^3 |t|)) |p_sqrt|^2 ].
-
-    p = W_P z and p_sqrt = W_P^(1/2) z, so d|p_sqrt|^2/dz = 2 p and the gradient is
-    -2 [t / (|p||t|) - (p.t) p / (|p|^3 |t|)]: the cosine gradient with W_P^T removed.
-    The value is not a similarity; log cosine_loss(p, t) beside it.
-    """
+    """IsoLoss, cosine: -2 [ z.t / sg(|p||t|) - 1/2 sg(p.t / (|p|^3 |t|)) |p_sqrt|^2 ]. With p = W_P z and
+    p_sqrt = W_P^(1/2) z, d|p_sqrt|^2/dz = 2 p and the gradient is -2 [t / (|p||t|) - (p.t) p / (|p|^3 |t|)]:
+    the cosine gradient with W_P^T removed. The value is not a similarity; log cosine_loss(p, t) beside it."""
     t = t.detach()
     p_norm = p.norm(dim=-1).clamp_min(1e-12)
     t_norm = t.norm(dim=-1).clamp_min(1e-12)
@@ -74,9 +67,7 @@ def iso_cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor, t: t
     return (-2 * (attract - 0.5 * scale * p_sqrt.pow(2).sum(-1))).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# Predictors (SPEC section 2)
-# ---------------------------------------------------------------------------------------------
+# --- Predictors (SPEC section 2) -------------------------------------------------------------
 
 
 class MLPPredictor(nn.Sequential):
@@ -115,11 +106,9 @@ class ClosedFormPredictor(nn.Module):
     update(z) folds a detached batch into C <- tau C + (1 - tau) Z^T Z / B (not centred), then
     eigendecomposes C once (eigh, float64) and caches W_P and W_P^(1/2); calling the module
     returns (p, p_sqrt) = (W_P z, W_P^(1/2) z). W_P is a constant for autograd.
-
-    Edge cases, by design: before the first update, and whenever C is all zeros, W_P = I (the
-    normalisation s / max(s) is undefined there). A rank-deficient C is fine: with eps = 0 its
-    null directions get 0 in W_P. Negative eigenvalues from round-off are clipped at 0.
-    NaN or Inf in z raise FloatingPointError before C is touched, so C stays the last good one.
+    Edge cases, by design: before the first update, and whenever C is all zeros, W_P = I (s / max(s)
+    is undefined there); with eps = 0 the null directions of C get 0 in W_P; round-off negative
+    eigenvalues are clipped at 0; NaN or Inf in z raise FloatingPointError before C is touched.
     Under torch.distributed the batch term is averaged over ranks first: every rank holds the same C.
     """
 
@@ -158,23 +147,16 @@ class ClosedFormPredictor(nn.Module):
         return f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, tau={self.tau}"
 
 
-PREDICTORS = ("mlp", "linear", "directpred", "directcopy", "none")
-
-
 def build_predictor(kind: str, dim: int = 256, hidden: int = 4096, tau: float = 0.998,
                     alpha: float | None = None, eps: float | None = None) -> nn.Module:
-    """One of PREDICTORS; alpha/eps default to the DirectPred/DirectCopy presets. 'none' is the ablation."""
-    if kind == "mlp":
-        return MLPPredictor(dim, hidden)
-    if kind == "linear":
-        return LinearPredictor(dim)
-    if kind == "none":
-        return nn.Identity()
+    """mlp, linear, directpred, directcopy (alpha/eps default to their presets) or none (the ablation)."""
     if kind in CLOSED_FORM:
-        preset = CLOSED_FORM[kind]
-        return ClosedFormPredictor(dim, preset["alpha"] if alpha is None else alpha,
-                                   preset["eps"] if eps is None else eps, tau)
-    raise ValueError(f"unknown predictor {kind!r}; choose one of {', '.join(PREDICTORS)}")
+        spec = CLOSED_FORM[kind]
+        return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha, spec["eps"] if eps is None else eps, tau)
+    others = {"mlp": lambda: MLPPredictor(dim, hidden), "linear": lambda: LinearPredictor(dim), "none": nn.Identity}
+    if kind not in others:
+        raise ValueError(f"unknown predictor {kind!r}; choose one of {', '.join([*others, *CLOSED_FORM])}")
+    return others[kind]()
 
 
 def check_isoloss(predictor: nn.Module) -> None:
@@ -186,11 +168,9 @@ def check_isoloss(predictor: nn.Module) -> None:
 
 def symmetric_loss(loss: str, isoloss: bool, predictor: nn.Module, z1: torch.Tensor, z2: torch.Tensor,
                    t1: torch.Tensor, t2: torch.Tensor, stop_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of p1 toward t2 plus loss of p2 toward t1 (summed, SPEC section 1).
-
-    Returns (loss to minimise, plain cosine loss of the same pairs, detached, for logging).
-    A ClosedFormPredictor must have been updated for this step already (update, then predict).
-    """
+    """Loss of p1 toward t2 plus loss of p2 toward t1 (summed, SPEC section 1). Returns (loss to minimise,
+    plain cosine loss of the same pairs, detached, for logging). A ClosedFormPredictor must have been
+    updated for this step already (update, then predict)."""
     if loss not in ("cosine", "euclidean"):
         raise ValueError(f"unknown loss {loss!r}; choose cosine or euclidean")
     if isoloss:
@@ -210,9 +190,7 @@ def symmetric_loss(loss: str, isoloss: bool, predictor: nn.Module, z1: torch.Ten
     return total, plain
 
 
-# ---------------------------------------------------------------------------------------------
-# Spectrum helpers (what the deep runs log, SPEC section 6)
-# ---------------------------------------------------------------------------------------------
+# --- Metrics: what the deep runs log (SPEC section 6), and how collapse is told from health ---
 
 
 def participation_ratio(s: torch.Tensor) -> float:
@@ -237,9 +215,44 @@ def eigenvector_alignment(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return (U * WU).sum(0) / WU.norm(dim=0).clamp_min(1e-300)
 
 
-# ---------------------------------------------------------------------------------------------
-# Backbone and data, shared by the training scripts and linear_eval.py (SPEC section 6)
-# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def centred_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending, float64) of the covariance of the rows of x, the mean removed: unlike the
+    uncentred C, a large mean of x cannot hide how many directions the rest spreads over."""
+    x = x.double() - x.double().mean(0)
+    return torch.linalg.eigvalsh(x.T @ x / max(1, len(x) - 1)).clamp_min(0)
+
+
+def effective_rank(eigenvalues: torch.Tensor) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values, here
+    sqrt of the covariance eigenvalues; 1 for a single direction, d for d equal ones."""
+    s = eigenvalues.double().clamp_min(0).sqrt()
+    p = s / s.sum().clamp_min(1e-300) + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def knn_scores(train_x, train_y, test_x, n_classes, k, temperature=0.07, chunk=1024) -> torch.Tensor:
+    """Class votes (N_test, n_classes): the k most cosine-similar train points each vote for their
+    class with weight exp(similarity / temperature)."""
+    train = F.normalize(train_x.float(), dim=1)
+    k = min(k, len(train))
+    out = []
+    for i in range(0, len(test_x), chunk):
+        s, idx = (F.normalize(test_x[i:i + chunk].float(), dim=1) @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(s), n_classes, device=s.device, dtype=s.dtype)
+        out.append(votes.scatter_add_(1, train_y[idx], (s / temperature).exp()))
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[float]:
+    """Fraction of rows whose label is among the k highest scores (k capped at the class count)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hit = top == y.view(-1, 1)
+    return [hit[:, :k].any(1).double().mean().item() for k in ks]
+
+
+# --- The backbone, shared by the training scripts and linear_eval.py (SPEC section 6) --------
 
 
 class BasicBlock(nn.Module):
@@ -261,12 +274,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 with torchvision's parameter names, so that at width 1 its state_dict loads
-    strictly into torchvision.models.resnet18() after the same stem change and fc = Identity.
-
-    small_stem (32 and 64 pixel inputs): first conv 3x3 stride 1, no max-pool. width scales the
-    channels (64, 128, 256, 512) for CPU trials; out_dim = 512 * width is the feature size.
-    """
+    """ResNet-18 with torchvision's parameter names: at width 1 its state_dict loads strictly into
+    torchvision.models.resnet18() after the same stem change and fc = Identity. small_stem (32 and 64
+    pixel inputs): first conv 3x3 stride 1, no max-pool. width scales the channels (64, 128, 256,
+    512) for CPU trials; out_dim = 512 * width is the feature size."""
 
     def __init__(self, width: float = 1.0, small_stem: bool = True):
         super().__init__()
@@ -296,111 +307,12 @@ def resnet18(width: float = 1.0, small_stem: bool = True) -> ResNet18:
     return ResNet18(width, small_stem)
 
 
-# Default crop size of each data set (the native resolution; imagefolder is resized to it).
-CROP_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tinyimagenet": 64, "imagefolder": 64}
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class DataError(RuntimeError):
-    """A data set that is missing or unreadable; the message says where we looked and what to do."""
-
-
-def eval_transform(dataset: str, crop: int):
-    """Test-time view: native-size data sets as they are; imagefolder resized and centre-cropped."""
-    from torchvision import transforms as T
-    resize = [T.Resize(round(crop * 8 / 7)), T.CenterCrop(crop)] if dataset == "imagefolder" else []
-    return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-def _present(cls):
-    # torchvision compares MD5 sums with the official files; with md5 None its own check_integrity
-    # only requires the files to exist, so that copies in the same format (the tests write tiny
-    # ones) load through the same reader. The downloaded archive is still checked against its MD5,
-    # and a corrupt file still fails while it is read, with a DataError.
-    attrs = {k: [[f, None] for f, *_ in getattr(cls, k)] for k in ("train_list", "test_list")}
-    if hasattr(cls, "meta"):
-        attrs["meta"] = {**cls.meta, "md5": None}
-    return type(cls.__name__, (cls,), attrs)
-
-
-_OFFICIAL = {
-    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"),
-    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"),
-    "stl10": ("stl10_binary", "stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/"),
-}
-
-
-def load_dataset(name: str, root: str | Path, split: str, transform=None, download: bool = False):
-    """A torchvision data set. split: 'pretrain' (STL-10: train+unlabeled, labels -1 for the
-    unlabeled part), 'train' (labelled), 'test' (test split; imagefolder/tinyimagenet: val).
-
-    cifar10/cifar100/stl10: torchvision's readers under root. tinyimagenet: root is the extracted
-    tiny-imagenet-200 (its val/ is read through val_annotations.txt, or as class folders).
-    imagefolder: root/train/<class>/* and root/val/<class>/*. Raises DataError with what to do.
-    """
-    import torchvision.datasets as D
-    if split not in ("pretrain", "train", "test"):
-        raise ValueError(f"unknown split {split!r}")
-    root = Path(root)
-    if name in _OFFICIAL:
-        folder, archive = _OFFICIAL[name]
-        if not download and not (root / folder).is_dir():
-            raise DataError(f"{name} not found: expected {root / folder}/. Pass --download (needs internet) or "
-                            f"extract {archive} into {root}/")
-        try:
-            if name == "stl10":
-                stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
-                return _present(D.STL10)(str(root), split=stl_split, transform=transform, download=download)
-            cls = _present(D.CIFAR10 if name == "cifar10" else D.CIFAR100)
-            return cls(str(root), train=split != "test", transform=transform, download=download)
-        except DataError:
-            raise
-        except Exception as e:  # download failures, missing or unreadable files
-            raise DataError(f"{name} under {root} could not be loaded ({type(e).__name__}: {e}). Without internet, "
-                            f"extract {archive} into {root}/ by hand") from e
-    if name in ("tinyimagenet", "imagefolder"):
-        sub = root / ("val" if split == "test" else "train")
-        hint = ("extract tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) and pass its folder"
-                if name == "tinyimagenet" else "make DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg and pass DIR")
-        if download:
-            raise DataError(f"{name} cannot be downloaded by this script: {hint} as --data-dir")
-        if not sub.is_dir():
-            raise DataError(f"{name} not found: expected {sub}/ with one folder per class; {hint} as --data-dir")
-        try:
-            if name == "tinyimagenet" and split == "test" and (sub / "val_annotations.txt").is_file():
-                return _tiny_imagenet_val(root, transform)
-            return D.ImageFolder(str(sub), transform=transform)
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(f"{name} under {sub} could not be read ({e}); {hint} as --data-dir") from e
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(CROP_SIZE)}")
-
-
-def _tiny_imagenet_val(root: Path, transform):
-    """TinyImageNet's official val/ keeps all images in one folder with a label file."""
-    import torchvision.datasets as D
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    index = {c: i for i, c in enumerate(classes)}
-    ds = D.ImageFolder(str(root / "train"), transform=transform)  # borrows loader and class list
-    lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
-    ds.samples = [(str(root / "val" / "images" / f), index[c]) for f, c, *_ in (l.split("\t") for l in lines if l)]
-    ds.imgs, ds.targets, ds.root = ds.samples, [y for _, y in ds.samples], str(root / "val")
-    return ds
-
-
-def num_classes(dataset) -> int:
-    return len(dataset.classes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Plumbing
-# ---------------------------------------------------------------------------------------------
+# --- Plumbing --------------------------------------------------------------------------------
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 class CheckpointError(RuntimeError):
@@ -408,10 +320,8 @@ class CheckpointError(RuntimeError):
 
 
 def _atomic_write(path: str | Path, write, mode: str) -> None:
-    """write(file) into a temporary file in the same folder, fsync, then rename over path.
-
-    A kill at any moment leaves either the old file or the new one, never half of one.
-    """
+    """write(file) into a temporary file in the same folder, fsync, then rename over path: a kill
+    at any moment leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -463,17 +373,8 @@ class Progress:
         rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else math.inf
         extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-        return f"{done:>8d}/{self.total:<8d} {extra}  {rate:8.1f} {self.unit}/s  ETA {_hms(eta)}"
-
-    def print(self, done: int, **fields) -> None:
-        print(self.line(done, **fields), flush=True)
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--:--"
-    s = int(seconds)
-    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+        hms = f"{int(eta) // 3600:02d}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if math.isfinite(eta) else "--:--:--"
+        return f"{done:>8d}/{self.total:<8d} {extra}  {rate:8.1f} {self.unit}/s  ETA {hms}"
 
 
 def die(message: str, code: int = 2) -> None:

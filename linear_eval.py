@@ -23,7 +23,7 @@ The protocol, step by step:
   1. The backbone is loaded, frozen (requires_grad False) and put in eval mode, so BatchNorm
      uses its stored statistics; a hash of all its weights and buffers is taken.
   2. Features (the 512 * width average-pooled outputs) of the train and test splits are
-     extracted once, centre crop / no augmentation (common.eval_transform), and cached in the
+     extracted once, centre crop / no augmentation (data.eval_transform), and cached in the
      output folder under a name keyed by that hash, the data set, the split, the crop and the
      dtype: a different checkpoint never reuses a stale cache, the same one never recomputes.
   3. Hyper-parameters (weight decay; and learning rate for SGD) are chosen on a held-out part
@@ -61,14 +61,16 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
-from common import CROP_SIZE, CheckpointError, DataError, die  # noqa: E402
+import data  # noqa: E402
+from common import CheckpointError, die, knn_scores, topk_accuracy  # noqa: E402
+from data import CROP_SIZE, DataError  # noqa: E402
 
 
 @dataclass
 class Args:
     checkpoint: str
     """backbone to evaluate: RUN/backbone.pt, RUN/last.pt, or a torchvision resnet18 state_dict"""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits"] = "cifar10"
     """labelled data set: its train split fits the classifier, its test split is reported"""
     data_dir: str = "data"
     """root of the data set (as in the training scripts; imagefolder: DIR with train/ and val/)"""
@@ -417,13 +419,6 @@ def fit_readout(x, y, n_classes, classifier, lr, wd, args, batches=None, steps=N
     return fit_readouts(x, y, n_classes, classifier, [(lr, wd)], args, batches, steps)[0]
 
 
-def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[float]:
-    """Fraction of rows whose label is among the k highest scores (k capped at the class count)."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hit = top == y.view(-1, 1)
-    return [hit[:, :k].any(1).double().mean().item() for k in ks]
-
-
 def select_hyperparameters(x, y, n_classes, args) -> tuple[dict, list[dict]]:
     """The sweep, on the train split only: fit on (1 - val_fraction) of it, score on the rest.
 
@@ -445,26 +440,6 @@ def select_hyperparameters(x, y, n_classes, args) -> tuple[dict, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# k-NN
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def knn_scores(train_x, train_y, test_x, n_classes, k, temperature, chunk=1024) -> torch.Tensor:
-    """Class votes (N_test, n_classes): the k most cosine-similar train points each vote for their
-    class with weight exp(similarity / temperature)."""
-    train = F.normalize(train_x, dim=1)
-    k = min(k, len(train))
-    out = []
-    for i in range(0, len(test_x), chunk):
-        sim = F.normalize(test_x[i:i + chunk], dim=1) @ train.T
-        s, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(s), n_classes, device=s.device, dtype=s.dtype)
-        out.append(votes.scatter_add_(1, train_y[idx], (s / temperature).exp()))
-    return torch.cat(out)
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
@@ -473,7 +448,7 @@ def augment_transform(crop: int):
     """The classic linear-eval views (SimSiam's main_lincls): random resized crop and flip."""
     from torchvision import transforms as T
     return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(common.MEAN, common.STD)])
+                      T.Normalize(data.MEAN, data.STD)])
 
 
 def print_table(result: dict) -> None:
@@ -491,6 +466,14 @@ def print_table(result: dict) -> None:
 
 
 def main(args: Args) -> dict:
+    """Evaluate; an image that cannot be read (here or in a loader worker) is one `error:` line naming the file."""
+    try:
+        return evaluate(args)
+    except DataError as e:
+        die(str(e))
+
+
+def evaluate(args: Args) -> dict:
     t_start = time.perf_counter()
     if args.crop is not None and args.dataset != "imagefolder":
         die(f"--crop applies to imagefolder only; {args.dataset} is read at its native size {CROP_SIZE[args.dataset]}")
@@ -518,12 +501,12 @@ def main(args: Args) -> dict:
     except CheckpointError as e:
         die(str(e))
     try:
-        transform = common.eval_transform(args.dataset, crop)
-        train_set = common.load_dataset(args.dataset, args.data_dir, "train", transform, args.download)
-        test_set = common.load_dataset(args.dataset, args.data_dir, "test", transform, args.download)
+        transform = data.eval_transform(args.dataset, crop)
+        train_set = data.load_dataset(args.dataset, args.data_dir, "train", transform, args.download)
+        test_set = data.load_dataset(args.dataset, args.data_dir, "test", transform, args.download)
     except DataError as e:
         die(str(e))
-    n_classes = common.num_classes(train_set)
+    n_classes = len(train_set.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"backbone: ResNet-18 width {info['width']:g}, {'small' if info['small_stem'] else 'ImageNet'} stem, "
           f"{info['out_dim']} features, from {checkpoint} {info['found_at']}; device {device}", flush=True)
@@ -540,7 +523,7 @@ def main(args: Args) -> dict:
     t0 = time.perf_counter()
     best, sweep = select_hyperparameters(train_x, train_y, n_classes, args)
     if args.augment:
-        aug_set = common.load_dataset(args.dataset, args.data_dir, "train", augment_transform(crop), args.download)
+        aug_set = data.load_dataset(args.dataset, args.data_dir, "train", augment_transform(crop), args.download)
         steps = args.epochs * math.ceil(len(aug_set) / args.batch_size)
         batches = backbone_batches(backbone, aug_set, device, args.epochs, args.batch_size, args.num_workers,
                                    args.dtype, args.seed)

@@ -1,63 +1,498 @@
-"""Deep non-contrastive SSL without an EMA target (SimSiam-style): shared weights, stop-gradient.
+# --- METHOD (SimSiam): what this file trains ---
+"""SimSiam-style non-contrastive SSL: no target network, SGD. The targets are the online network's own
+outputs of the same pass, detached (the stop-gradient). The paper's runs without an EMA target (SPEC
+section 6; train_byol.py has those with one), and the collapse ablations of SPEC section 1:
 
-The targets are the online network's own outputs of the same forward pass, detached; there is no
-second network. Everything else (data, model, loop, checkpoints, metrics) is train_byol.py's:
-this file only holds the presets (SGD lr 0.1 x batch/256, momentum 0.9, tau_c = 0.5; SPEC 6).
-
-The paper's grid without an EMA target:
-
-    python train_simsiam.py simsiam            --dataset cifar10     # MLP predictor, cosine loss, wd 1e-5
-    python train_simsiam.py directpred         --dataset cifar10     # closed-form W_P = C^0.5, wd 1e-4
-    python train_simsiam.py directcopy         --dataset cifar10     # closed-form W_P = C / max + 0.25 I, wd 1e-4
-    python train_simsiam.py isoloss            --dataset cifar10     # IsoLoss, DirectPred spectrum, wd 1e-4
-    python train_simsiam.py isoloss-directcopy --dataset cifar10     # IsoLoss, DirectCopy spectrum, wd 1e-4
+    python train_simsiam.py                    --dataset cifar10     # SimSiam: MLP predictor, cosine loss
+    python train_simsiam.py directpred         --dataset cifar10     # closed-form W_P = C^0.5
+    python train_simsiam.py directcopy         --dataset cifar10     # closed-form W_P = C / max + 0.25 I
+    python train_simsiam.py isoloss            --dataset cifar10     # IsoLoss, DirectPred spectrum
+    python train_simsiam.py isoloss-directcopy --dataset cifar10     # IsoLoss, DirectCopy spectrum
     python train_simsiam.py linear             --dataset cifar10     # learnable linear predictor
+    python train_simsiam.py no-predictor       --dataset cifar10     # ablation: collapses
+    python train_simsiam.py no-stop-grad       --dataset cifar10     # ablation: collapses
+    torchrun --standalone --nproc_per_node 8 train_simsiam.py isoloss --dataset cifar100   # --batch-size is global
 
-and the same with --dataset cifar100, --dataset stl10, --dataset tinyimagenet --data-dir
-data/tiny-imagenet-200. The collapse ablations of SPEC section 1 (watch std_normalized_z in
-metrics.jsonl fall towards 0):
+and the same with --dataset cifar100, stl10 (train + unlabeled, crop 96) or tinyimagenet --data-dir
+data/tiny-imagenet-200 (crop 64); --download fetches CIFAR and STL-10. Every preset: SGD lr 0.1 x
+batch/256, momentum 0.9, weight decay 1e-5, tau_c 0.5, batch 256, 1000 epochs. On a laptop:
 
-    python train_simsiam.py no-predictor  --dataset cifar10
-    python train_simsiam.py no-stop-grad  --dataset cifar10
+    python train_simsiam.py cpu-demo
 
-Laptop trial (minutes on two CPU cores; any small DIR/train/<class>/* + DIR/val/<class>/* tree):
+The run directory (--out-dir, default runs/NAME-DATASET-sSEED) gets config.json, metrics.jsonl (a
+line per epoch: see rundir.epoch_record), eigenvalues.png, online_readout.png, last.pt (atomically, every
+epoch and every --save-every steps) and at the end backbone.pt, a plain torchvision ResNet-18
+state_dict described by backbone.json. The same command again resumes, bit for bit on CPU.
 
-    python train_simsiam.py cpu-demo --data-dir data/imagenette2-160
-
-Several GPUs: torchrun --standalone --nproc_per_node 8 train_simsiam.py isoloss --dataset cifar100
-
-Run directory, resuming and errors: as train_byol.py (python train_byol.py --help).
+This file and train_byol.py are deliberate copies (CleanRL style): outside the blocks marked
+METHOD they are the same line for line (tests/test_train.py checks it), so `diff` shows the method.
 """
+# --- END METHOD ---
+
+from __future__ import annotations
 
 import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-import train_byol
-from train_byol import Args
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
 
-# No EMA target, SGD, and the faster running correlation matrix of the released config.
-_BASE = Args(name="simsiam", ema=False, optimizer="sgd", lr=0.1, tau_c=0.5)
-_CLOSED = dict(weight_decay=1e-4)
+import common as C
+import data as D
+import rundir as R
+
+
+@dataclass(frozen=True)
+class Args:
+    # --- the run ---
+    out_dir: str = ""
+    """Run directory (checkpoints, metrics, figures). Default: runs/NAME-DATASET-sSEED."""
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits"] = "cifar10"
+    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's."""
+    data_dir: str = "data"
+    """Where the data set is (tinyimagenet, imagefolder: the folder that holds train/ and val/)."""
+    download: bool = False
+    """Download CIFAR-10/100 or STL-10 into --data-dir if they are missing."""
+    seed: int = 0
+    """Seeds the initialisation, the data order and every augmentation."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:1, ... Under torchrun each rank takes cuda:LOCAL_RANK."""
+    num_workers: int = 4
+    """Data-loading processes per rank, alive across epochs (0: load in the main process). Results do not change."""
+    augment_on: Literal["loader", "device"] = "loader"
+    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions; GPUs need it)."""
+    epochs: int = 1000
+    """Training epochs."""
+    batch_size: int = 256
+    """Global batch size (split over the ranks under torchrun); the learning rate scales with batch/256."""
+    steps_per_epoch: int | None = None
+    """Bound the steps of an epoch (smoke tests, CPU trials). Default: all full batches of the data set."""
+    log_every: int = 50
+    """Print a progress line (and check for NaN) every this many steps."""
+    save_every: int = 0
+    """Also write last.pt every this many steps (0: only at the end of each epoch)."""
+    overwrite: bool = False
+    """Start afresh in a run directory that already holds a run (its checkpoint, metrics and figures are deleted)."""
+    allow_changes: bool = False
+    """Resume a run although some settings differ from its checkpoint's (they are listed when it starts)."""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision: auto is bf16 on CUDA and off on CPU; fp16 adds a gradient scaler."""
+    compile: bool = False
+    """torch.compile the model (slow to start, faster per step on GPUs)."""
+    # --- the networks and the views ---
+    width: float = 1.0
+    """ResNet-18 width multiplier (0.25: a quarter of the channels, for CPUs). Width 1 exports a torchvision ResNet-18."""
+    proj_hidden: int = 4096
+    """Projector hidden size: Linear(512 w, h)-BN-ReLU-Linear(h, d)."""
+    proj_dim: int = 256
+    """Projector output size d (the size of C)."""
+    pred_hidden: int = 4096
+    """MLP predictor hidden size."""
+    crop: int | None = None
+    """Crop size of the views. Default: 32 (CIFAR, digits), 96 (STL-10), 64 (TinyImageNet, imagefolder); <= 64: small stem."""
+    min_scale: float = 0.08
+    """Smallest area of a random resized crop, as a fraction of the image (SPEC 6: 0.08)."""
+    blur: tuple[float, float] | None = None
+    """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0) otherwise."""
+    # --- the predictor and the loss (SPEC sections 2-3) ---
+    predictor: Literal["mlp", "linear", "directpred", "directcopy", "none"] = "mlp"
+    """mlp (BYOL/SimSiam), linear (learnable W), directpred/directcopy (closed form from C), none (ablation)."""
+    loss: Literal["cosine", "euclidean"] = "cosine"
+    """Per-sample loss between the prediction and the target."""
+    isoloss: bool = False
+    """IsoLoss: the same fixed points, the factor W_P^T removed from the gradient (closed-form predictors only)."""
+    alpha: float | None = None
+    """Closed-form predictor: W_P = U diag(s_hat^alpha) U^T. Default: 0.5 for directpred, 1 for directcopy."""
+    eps: float | None = None
+    """Closed-form predictor: s_hat = s / max(s) + eps. Default: 0 for directpred, 0.25 for directcopy."""
+    # --- optimisation and monitoring (SPEC section 6) ---
+    momentum: float = 0.9
+    """Momentum of the optimiser."""
+    weight_decay: float = 1e-5
+    """Weight decay (1e-5 for every method in the release's configs); biases and norm layers get none."""
+    warmup_epochs: float = 10.0
+    """Linear warm-up of the learning rate, then a cosine to zero (per step)."""
+    readout_lr: float = 0.1
+    """Learning rate of the online linear readout (SGD, momentum 0.9, constant) on detached features."""
+    knn_k: int = 20
+    """Neighbours of the k-NN monitor (cosine; test split against up to 10,000 train images); 0 turns it off."""
+    collapse_ratio: float = 0.2
+    """Warn about a collapse when the std of l2-normalised z falls below this fraction of the healthy 1/sqrt(d) ..."""
+    collapse_epochs: int = 3
+    """... for this many epochs in a row."""
+    # --- METHOD (SimSiam): Args of the method ---
+    name: str = "simsiam"
+    """Experiment name, set by the preset; it names the default run directory."""
+    lr: float = 0.1
+    """Base learning rate of SGD at batch 256 (scaled by batch/256)."""
+    stop_grad: bool = True
+    """Stop the gradient at the targets. --no-stop-grad is the collapse ablation: the gradient flows through both branches."""
+    tau_c: float = 0.5
+    """Running correlation matrix C <- tau_c C + (1 - tau_c) Z^T Z / B (0.5 without an EMA target)."""
+
+
+# The paper's grid without an EMA target (SPEC section 6), and the collapse ablations of SPEC section 1;
+# the command line overrides any field.
 PRESETS = {
-    "simsiam": ("SimSiam: MLP predictor, cosine loss, shared weights, SGD.", _BASE),
+    "simsiam": ("SimSiam: MLP predictor, cosine loss (the default).", Args()),
     "directpred": ("DirectPred without EMA: closed-form predictor W_P = C^0.5 (normalised).",
-                   dataclasses.replace(_BASE, name="simsiam-directpred", predictor="directpred", **_CLOSED)),
+                   Args(name="simsiam-directpred", predictor="directpred")),
     "directcopy": ("DirectCopy without EMA: closed-form predictor W_P = C / max(s) + 0.25 I.",
-                   dataclasses.replace(_BASE, name="simsiam-directcopy", predictor="directcopy", **_CLOSED)),
+                   Args(name="simsiam-directcopy", predictor="directcopy")),
     "isoloss": ("IsoLoss without EMA, DirectPred spectrum (the paper's claim: stable without the target).",
-                dataclasses.replace(_BASE, name="simsiam-isoloss", predictor="directpred", isoloss=True, **_CLOSED)),
+                Args(name="simsiam-isoloss", predictor="directpred", isoloss=True)),
     "isoloss-directcopy": ("IsoLoss without EMA, DirectCopy spectrum.",
-                           dataclasses.replace(_BASE, name="simsiam-isoloss-directcopy", predictor="directcopy",
-                                               isoloss=True, **_CLOSED)),
-    "linear": ("Learnable linear predictor without EMA; logs the eigenvector alignment of W with C.",
-               dataclasses.replace(_BASE, name="simsiam-linear", predictor="linear")),
-    "no-predictor": ("Ablation: no predictor (p = z); collapses.",
-                     dataclasses.replace(_BASE, name="simsiam-no-predictor", predictor="none")),
+                           Args(name="simsiam-isoloss-directcopy", predictor="directcopy", isoloss=True)),
+    "linear": ("Learnable linear predictor; logs the eigenvector alignment of W with C.",
+               Args(name="simsiam-linear", predictor="linear")),
+    "no-predictor": ("Ablation: no predictor (p = z); collapses.", Args(name="simsiam-no-predictor", predictor="none")),
     "no-stop-grad": ("Ablation: the gradient also flows through the targets; collapses.",
-                     dataclasses.replace(_BASE, name="simsiam-no-stop-grad", stop_grad=False)),
-    "cpu-demo": ("Laptop trial: IsoLoss without EMA at a quarter width on a small ImageFolder, two CPU cores.",
-                 dataclasses.replace(train_byol.PRESETS["cpu-demo"][1], name="simsiam-cpu-demo", ema=False,
-                                     optimizer="sgd", lr=0.1, tau_c=0.5)),
+                     Args(name="simsiam-no-stop-grad", stop_grad=False)),
+    "cpu-demo": ("Laptop trial: IsoLoss on scikit-learn's digits at a quarter width, minutes on two CPU cores.",
+                 Args(name="simsiam-cpu-demo", predictor="directpred", isoloss=True, dataset="digits", width=0.25,
+                      proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=15, warmup_epochs=1,
+                      num_workers=0, augment_on="device", log_every=10)),
 }
+# --- END METHOD ---
+
+
+def check_args(args: Args, world: int) -> None:
+    """Contradictory or impossible settings: one clear line before anything is written."""
+    closed = args.predictor in C.CLOSED_FORM
+    problems = [
+        (args.isoloss and not closed,
+         f"--isoloss needs a closed-form predictor (directpred or directcopy), not --predictor {args.predictor}: "
+         "IsoLoss removes the factor W_P^T from the gradient, which needs a symmetric linear W_P"),
+        ((args.alpha is not None or args.eps is not None) and not closed,
+         f"--alpha/--eps set the closed-form predictor's spectrum; --predictor {args.predictor} has none"),
+        ((args.alpha is not None and args.alpha <= 0) or (args.eps is not None and args.eps < 0),
+         f"--alpha must be > 0 and --eps >= 0, got {args.alpha}, {args.eps}"),
+        (not 0 <= args.tau_c < 1, f"--tau-c must be in [0, 1), got {args.tau_c}"),
+        (args.batch_size < 2 * world, f"--batch-size {args.batch_size} leaves fewer than 2 samples per rank; BatchNorm needs 2"),
+        (args.batch_size % world != 0, f"--batch-size {args.batch_size} does not split evenly over {world} ranks"),
+        (args.crop is not None and args.crop < 8, f"--crop {args.crop} is too small for a ResNet-18 (use 8 or more)"),
+        (not 0 < args.min_scale <= 1, f"--min-scale must be in (0, 1], got {args.min_scale}"),
+        (args.overwrite and args.allow_changes, "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
+        (args.augment_on == "device" and args.dataset == "imagefolder",
+         "--augment-on device needs images of one size (not imagefolder); use --augment-on loader"),
+        (args.amp == "fp16" and C.pick_device(args.device).type == "cpu", "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
+        # --- METHOD (SimSiam): checks of the method ---
+        (args.isoloss and not args.stop_grad, "--isoloss is built from stop-gradients; it cannot run with --no-stop-grad"),
+        # --- END METHOD ---
+    ]
+    positive = dict(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch or 1, log_every=args.log_every,
+                    lr=args.lr, readout_lr=args.readout_lr, width=args.width, proj_hidden=args.proj_hidden,
+                    proj_dim=args.proj_dim, pred_hidden=args.pred_hidden, collapse_epochs=args.collapse_epochs)
+    problems += [(v <= 0, f"--{k.replace('_', '-')} must be > 0, got {v}") for k, v in positive.items()]
+    problems += [(v < 0, f"--{k.replace('_', '-')} must be >= 0, got {v}") for k, v in dict(
+        num_workers=args.num_workers, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
+    for bad, message in problems:
+        if bad:
+            C.die(message)
+
+
+# --- The model: backbone + projector, predictor, targets, online readout --------------------------
+
+
+def projector(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+class Learner(nn.Module):
+    """Everything that trains, in one module so that DDP sees it whole. forward(x1, x2, y) returns
+    (loss to minimise, SSL loss, plain cosine loss, readout loss, std of l2-normalised z), all but the
+    first detached. The targets are made where the stop-gradient is visible."""
+
+    def __init__(self, args: Args, n_classes: int, small_stem: bool):
+        super().__init__()
+        self.args = args
+        self.backbone = C.resnet18(args.width, small_stem)
+        self.projector = projector(self.backbone.out_dim, args.proj_hidden, args.proj_dim)
+        self.predictor = C.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps)
+        self.closed_form = isinstance(self.predictor, C.ClosedFormPredictor)
+        # --- METHOD (SimSiam): the target network ---
+        # None: the targets are the online network's own outputs (see forward).
+        # --- END METHOD ---
+        self.readout = nn.Linear(self.backbone.out_dim, n_classes)
+        if not self.closed_form:  # the spectrum is logged for every predictor: the others get a C of their own
+            self.register_buffer("C", torch.zeros(args.proj_dim, args.proj_dim, dtype=torch.float64))
+
+    def correlation(self) -> torch.Tensor:
+        return self.predictor.C if self.closed_form else self.C
+
+    def online_parameters(self):
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def forward(self, x1, x2, y):
+        f1, f2 = self.backbone(x1), self.backbone(x2)
+        z1, z2 = self.projector(f1).float(), self.projector(f2).float()
+        # --- METHOD (SimSiam): the targets ---
+        # The same pass's outputs; symmetric_loss detaches them (the stop-gradient), except in the
+        # no-stop-gradient ablation, where the gradient flows through both branches.
+        t1, t2, stop_grad = z1, z2, self.args.stop_grad
+        # --- END METHOD ---
+        z = torch.cat([z1, z2]).detach()
+        if self.closed_form:
+            self.predictor.update(z)  # before predicting: W_P of this step includes this batch
+        else:  # the same rule, for logging only
+            self.C.mul_(self.args.tau_c).add_(C.correlation_batch(z), alpha=1 - self.args.tau_c)
+        # The loss in float32 even under autocast: W_P z and the norms need the precision.
+        with torch.autocast(x1.device.type, enabled=False):
+            ssl, plain = C.symmetric_loss(self.args.loss, self.args.isoloss, self.predictor, z1, z2, t1, t2, stop_grad)
+            # The readout sees detached features: it measures the representation, never shapes it.
+            # STL-10's unlabeled images have label -1 and do not count.
+            logits = self.readout(f1.detach().float())
+            ce = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp_min(1)
+        return ssl + ce, ssl.detach(), plain, ce.detach(), C.normalized_std(z)
+
+
+# --- Optimiser and schedules (plain functions of the step), and the step -------------------------
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up to `peak` over warmup_steps, then a cosine to zero at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+# --- METHOD (SimSiam): optimiser and the step ---
+def make_optimizer(args: Args, params) -> torch.optim.SGD:
+    """Momentum SGD; biases and norm-layer parameters (1-d) get no weight decay."""
+    groups = [dict(params=[p for p in params if p.ndim > 1]), dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def train_step(model, learner: Learner, optimizer, readout_optimizer, scaler, x1, x2, y, autocast):
+    """Both views forward, backward, both optimisers (there is no target network to update).
+    Returns the model's outputs (loss, ssl, plain cosine, readout, std); no host synchronisation."""
+    with autocast():
+        loss, ssl, plain, ce, std = model(x1, x2, y)
+    optimizer.zero_grad(set_to_none=True)
+    readout_optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.step(readout_optimizer)
+    scaler.update()
+    return loss, ssl, plain, ce, std
+# --- END METHOD ---
+
+
+# --- Evaluation ------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> dict:
+    """Health of the representation on clean images in eval mode (BatchNorm on running statistics): online
+    readout and k-NN top-1 (cosine, k = knn_k, against train images) on the test split; centred covariance
+    spectra and effective rank (RankMe) of its backbone features f and projector outputs z; the mean's
+    share of E|z|^2 (which the uncentred C holds). Each rank does its share; all get the gathered numbers."""
+    learner.eval()
+
+    def outputs(loader):
+        rows = []
+        for x, y in loader:
+            with autocast():
+                f = learner.backbone(x.to(device, non_blocking=True)).float()
+                rows.append((f, learner.projector(f).float(), learner.readout(f).float(), y.to(device)))
+        return [R.gather(torch.cat(column)) for column in zip(*rows)]
+    f, z, logits, y = outputs(test_loader)
+    (top1, top5), cov_f, cov_z, zd = C.topk_accuracy(logits, y), C.centred_spectrum(f), C.centred_spectrum(z), z.double()
+    out = dict(online_readout_top1=100 * top1, online_readout_top5=100 * top5, knn_top1=None,
+               erank_f=C.effective_rank(cov_f), erank_z=C.effective_rank(cov_z),
+               mean_share_z=float(zd.mean(0).square().sum() / zd.square().sum(1).mean()),
+               cov_f_eigenvalues=cov_f.tolist(), cov_z_eigenvalues=cov_z.tolist())
+    if bank_loader is not None:
+        bank_f, _, _, bank_y = outputs(bank_loader)
+        scores = C.knn_scores(bank_f, bank_y, f, logits.shape[1], learner.args.knn_k)
+        out["knn_top1"] = 100 * C.topk_accuracy(scores, y, ks=(1,))[0]
+    learner.train()
+    return out
+
+
+# --- Training -------------------------------------------------------------------------------------
+
+
+def train(args: Args) -> Learner:
+    """Train with `args` (resuming from the run directory when it holds this run); returns the model."""
+    rank, world, device = R.setup_distributed(args.device)
+    main_rank, cuda = rank == 0, device.type == "cuda"
+    check_args(args, world)
+    say = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.amp == "auto" and cuda else args.amp)
+
+    # Data first: a missing data set is one line, before anything is written.
+    crop, native = args.crop or D.CROP_SIZE[args.dataset], D.CROP_SIZE[args.dataset]
+    blur = args.blur or ((1.0, 0.1) if args.dataset in ("stl10", "imagefolder") else (0.0, 0.0))
+    test_view = D.eval_transform(args.dataset if crop == native else "imagefolder", crop)
+    if not main_rank:
+        dist.barrier()  # rank 0 downloads (if asked) before the others look
+    try:
+        base = D.load_dataset(args.dataset, args.data_dir, "pretrain", download=args.download)
+        test_set = D.load_dataset(args.dataset, args.data_dir, "test", test_view, download=args.download)
+        bank_set = D.load_dataset(args.dataset, args.data_dir, "train", test_view) if args.knn_k else None
+    except D.DataError as e:
+        C.die(str(e))
+    if main_rank and world > 1:
+        dist.barrier()
+    if args.dataset != "imagefolder" and crop > min(size := base[0][0].size):
+        C.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; use --crop {min(size)} or less")
+    steps_per_epoch = min(len(base) // args.batch_size, args.steps_per_epoch or sys.maxsize)
+    if steps_per_epoch < 1:
+        C.die(f"--batch-size {args.batch_size} is larger than the {len(base)} training images of {args.dataset}")
+    total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch)
+    peak_lr = args.lr * args.batch_size / 256
+    out, settings = Path(args.out_dir or f"runs/{args.name}-{args.dataset}-s{args.seed}"), dataclasses.asdict(args)
+    ckpt = R.open_run(out, settings)
+
+    torch.manual_seed(args.seed)
+    small_stem = crop <= 64
+    learner = Learner(args, len(test_set.classes), small_stem).to(device)
+    if cuda:
+        learner = learner.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    optimizer = make_optimizer(args, [*learner.online_parameters(), *learner.predictor.parameters()])
+    readout_optimizer = torch.optim.SGD(learner.readout.parameters(), lr=args.readout_lr, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    parts = dict(model=learner, optimizer=optimizer, readout_optimizer=readout_optimizer, scaler=scaler)
+    step, sums, low_std_epochs, elapsed = 0, torch.zeros(4, dtype=torch.float64, device=device), 0, 0.0
+    if ckpt is not None:
+        R.restore(ckpt, parts, out)
+        step, low_std_epochs, elapsed = ckpt["step"], ckpt["low_std_epochs"], ckpt["elapsed"]
+        sums.copy_(ckpt["epoch_sums"])
+        diff = R.settings_diff(ckpt["args"], settings)
+        say(f"resuming {out / 'last.pt'} at step {step}" + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
+    if main_rank:  # every check has passed: from here on the run directory is written (by rank 0 only)
+        R.start(out, settings, step)
+
+    model = learner
+    if world > 1:
+        # SyncBatchNorm exists for GPUs only; on CPUs (gloo) each rank normalises with its own batch,
+        # and the running statistics are averaged over the ranks at the end of each epoch. No buffer
+        # broadcast: C is all-reduced in the step, and rank 0's copy would hide a rank that drifted.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(learner) if cuda else learner
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+    model = torch.compile(model) if args.compile else model
+
+    # The loaders are made once: their worker processes (if any) live across epochs.
+    specs = D.view_specs(crop, blur, args.min_scale)
+    batches = D.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
+    if args.augment_on == "device":
+        images, labels = (t.to(device) for t in D.images_as_tensor(base))
+    else:
+        train_loader = D.loader(D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), args.num_workers, cuda,
+                                batch_sampler=batches)
+    bank = torch.randperm(len(bank_set or ()), generator=torch.Generator().manual_seed(0))[:10_000].sort().values
+    test_loader, bank_loader = (None if ds is None else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
+                                args.num_workers, cuda, batch_size=max(2, args.batch_size // world))
+                                for ds, index in ((test_set, torch.arange(len(test_set))), (bank_set, bank)))
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+
+    def save(at_step: int) -> None:
+        """last.pt, after checking that nothing in it is NaN (the previous one stays otherwise)."""
+        R.check_finite(bad_step, learner, at_step, out)
+        if world > 1:  # rank 0 saves, so the epoch sums it holds must be everyone's
+            dist.all_reduce(sums)
+            sums.div_(world)
+        if main_rank:
+            R.save(out, settings, at_step, parts, epoch_sums=sums.cpu(), low_std_epochs=low_std_epochs,
+                   elapsed=elapsed + time.perf_counter() - t_start)
+
+    say(f"{args.name}: {args.dataset} ({len(base)} images, crop {crop}), {world} x {device}, amp {amp_dtype}, "
+        f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, lr {peak_lr:.4g} -> {out}")
+    if step >= total_steps:
+        say(f"{out} already finished (step {step} of {total_steps}); backbone in {out / 'backbone.pt'}")
+    progress = C.Progress(total_steps * args.batch_size, "img", start=step * args.batch_size)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step (1-based) whose loss was not finite
+    t_start, lr, tau = time.perf_counter(), lr_at(step, total_steps, warmup_steps, peak_lr), None
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        batches.set_epoch(epoch, step % steps_per_epoch)
+        t_epoch, epoch_start_step = time.perf_counter(), step
+        source = D.device_views(images, labels, specs, batches, args.seed, memory_format) \
+            if args.augment_on == "device" else train_loader
+        for x1, x2, y in source:
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x1, x2 = (x.to(device, non_blocking=True, memory_format=memory_format) for x in (x1, x2))
+            y = y.to(device, non_blocking=True)
+            try:
+                # --- METHOD (SimSiam): the step ---
+                loss, ssl, plain, ce, std = train_step(model, learner, optimizer, readout_optimizer, scaler,
+                                                       x1, x2, y, autocast)
+                # --- END METHOD ---
+            except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
+                C.die(f"step {step + 1}: {e}. {R.stopped_message(out)}")
+            # Bookkeeping on the device: no host synchronisation except on logging steps.
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
+            sums += torch.stack([ssl, plain, ce, std]).double()
+            step += 1
+            if step % args.log_every == 0:
+                R.check_finite(bad_step, None, step, out)
+                say(progress.line(step * args.batch_size, epoch=epoch + 1, step=step, loss=ssl.item(), lr=lr))
+            if args.save_every and step % args.save_every == 0 and step % steps_per_epoch != 0:
+                save(step)  # mid-epoch; the end of an epoch is saved below, after its metrics
+
+        # End of the epoch: evaluate, append the metrics line, redraw the figures, then save.
+        seconds = time.perf_counter() - t_epoch
+        if world > 1:
+            dist.all_reduce(sums)
+            sums.div_(world)
+            if not cuda:
+                R.average_batchnorm_statistics(learner)
+        R.check_finite(bad_step, learner, step, out)  # before evaluating: NaN weights would only break the metrics
+        record = R.epoch_record(learner, epoch + 1, step, sums, steps_per_epoch, evaluate(learner, test_loader, bank_loader,
+                              device, autocast), lr=lr, tau=tau, images_per_s=(step - epoch_start_step) * args.batch_size
+                              / seconds, train_s=seconds, epoch_s=time.perf_counter() - t_epoch,
+                              wall_time_s=elapsed + time.perf_counter() - t_start)
+        healthy = 1 / math.sqrt(args.proj_dim)
+        low_std_epochs = low_std_epochs + 1 if record["std_normalized_z"] < args.collapse_ratio * healthy else 0
+        record["collapse_warning"] = low_std_epochs >= args.collapse_epochs
+        sums.zero_()
+        if main_rank:
+            R.append_metrics(out, record, args.epochs)
+            if record["collapse_warning"]:
+                print(f"warning: possible collapse: the std of l2-normalised z has been below {args.collapse_ratio} x "
+                      f"{healthy:.4f} (healthy) for {low_std_epochs} epochs (now {record['std_normalized_z']:.2e})",
+                      file=sys.stderr, flush=True)
+        save(step)
+
+    if main_rank:
+        R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem, out_dim=learner.backbone.out_dim,
+                          dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD, step=step, name=args.name)
+        say(f"done: {out / 'backbone.pt'} (plain torchvision ResNet-18 state_dict), metrics in {out / 'metrics.jsonl'}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return learner
+
+
+def parse(argv=None) -> Args:
+    """[PRESET] [--field value ...]: the preset's Args (the first preset when none is named), overridden."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv.pop(0) if argv and not argv[0].startswith("-") else next(iter(PRESETS))
+    if name not in PRESETS:
+        C.die(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}, or none for {next(iter(PRESETS))}")
+    listing = "\n".join(f"  {k:<20s}{doc}" for k, (doc, _) in PRESETS.items())
+    return tyro.cli(Args, args=argv, default=PRESETS[name][1], description=f"{__doc__}\npresets (first argument):\n{listing}")
+
+
+def main(argv=None) -> Learner:
+    args = parse(argv)
+    try:
+        return train(args)
+    except D.DataError as e:  # an unreadable image met while training, here or in a loader worker
+        C.die(str(e))
+
 
 if __name__ == "__main__":
-    train_byol.main(PRESETS, doc=__doc__)
+    main()

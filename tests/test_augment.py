@@ -9,19 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
+import data as D
 import train_byol as B
 from tiny_data import write_cifar10
 
 N = 1500
 
 
-def draw_both(image: np.ndarray, spec: B.ViewSpec, n: int = N):
+def draw_both(image: np.ndarray, spec: D.ViewSpec, n: int = N):
     """n views of one image through each path, as floats in [0, 1], (n, 3, crop, crop)."""
-    view = B.pil_view(spec, normalize=False)
+    view = D.pil_view(spec, normalize=False)
     torch.manual_seed(0)
     pil = torch.stack([view(Image.fromarray(image)) for _ in range(n)])
     x = torch.from_numpy(image).permute(2, 0, 1)[None].expand(n, -1, -1, -1).contiguous()
-    batched = B.batched_view(x, spec, torch.Generator().manual_seed(1))
+    batched = D.batched_view(x, spec, torch.Generator().manual_seed(1))
     return pil, batched
 
 
@@ -40,7 +41,7 @@ def coordinate_image(n=32):
 
 
 def test_crop_scale_aspect_and_flip_rate_match_the_pil_path():
-    spec = B.ViewSpec(32, jitter_p=0.0, gray_p=0.0)
+    spec = D.ViewSpec(32, jitter_p=0.0, gray_p=0.0)
     pil, batched = draw_both(coordinate_image(), spec)
     for views in (pil, batched):
         views.extent_x = views[:, 0].amax((1, 2)) - views[:, 0].amin((1, 2))
@@ -71,14 +72,14 @@ WHOLE = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)  # colour only: the
     dict(solarize_p=0.2),                                    # view 2 of SPEC 6
 ], ids=["brightness", "contrast", "saturation", "hue", "blur", "view1", "view2"])
 def test_colour_operations_match_the_pil_path(colour):
-    pil, batched = draw_both(colourful_image(), B.ViewSpec(32, **WHOLE, **colour), n=800)
+    pil, batched = draw_both(colourful_image(), D.ViewSpec(32, **WHOLE, **colour), n=800)
     for statistic in (lambda v: v.mean((1, 2, 3)), lambda v: v.std((1, 2, 3)),
                       lambda v: (v[:, 0] - v[:, 1]).mean((1, 2)), lambda v: (v[:, 1] - v[:, 2]).mean((1, 2))):
         assert_same_distribution(statistic(pil), statistic(batched), 0.02)
 
 
 def test_grayscale_and_solarisation_rates():
-    spec = B.ViewSpec(32, **WHOLE, jitter_p=0.0, gray_p=0.2, solarize_p=0.2)
+    spec = D.ViewSpec(32, **WHOLE, jitter_p=0.0, gray_p=0.2, solarize_p=0.2)
     original = torch.from_numpy(colourful_image()).float().div(255).permute(2, 0, 1)
     solarised = torch.where(original >= 128 / 255, 1 - original, original)
     for views in draw_both(colourful_image(), spec):
@@ -93,7 +94,7 @@ def test_grayscale_and_solarisation_rates():
 
 def test_blur_at_stl10_size_matches_the_pil_path():
     big = np.kron(colourful_image()[::8, ::8], np.ones((24, 24, 1))).astype(np.uint8)  # 96 x 96, sharp edges
-    pil, batched = draw_both(big, B.ViewSpec(96, **WHOLE, jitter_p=0.0, gray_p=0.0, blur_p=1.0), n=400)
+    pil, batched = draw_both(big, D.ViewSpec(96, **WHOLE, jitter_p=0.0, gray_p=0.0, blur_p=1.0), n=400)
     sharpness = lambda v: (v[..., 1:] - v[..., :-1]).abs().amax((1, 2, 3))  # steepest edge; noqa: E731
     assert_same_distribution(sharpness(pil), sharpness(batched), 0.02)
 
@@ -101,11 +102,11 @@ def test_blur_at_stl10_size_matches_the_pil_path():
 def test_device_views_are_a_function_of_seed_epoch_and_images():
     images = torch.from_numpy(np.stack([colourful_image()] * 8)).permute(0, 3, 1, 2).contiguous()
     labels = torch.arange(8)
-    specs = B.view_specs(32, (0.0, 0.0))
+    specs = D.view_specs(32, (0.0, 0.0))
     batches = [[(0, i) for i in range(8)], [(1, i) for i in range(8)]]
-    first = list(B.device_views(images, labels, specs, batches, 0, torch.contiguous_format))
-    again = list(B.device_views(images, labels, specs, batches, 0, torch.contiguous_format))
-    other_seed = list(B.device_views(images, labels, specs, batches, 1, torch.contiguous_format))
+    first = list(D.device_views(images, labels, specs, batches, 0, torch.contiguous_format))
+    again = list(D.device_views(images, labels, specs, batches, 0, torch.contiguous_format))
+    other_seed = list(D.device_views(images, labels, specs, batches, 1, torch.contiguous_format))
     assert all(torch.equal(a, b) for x, y in zip(first, again) for a, b in zip(x, y))  # resumable
     assert not torch.equal(first[0][0], first[1][0])  # another epoch, other draws
     assert not torch.equal(first[0][0], other_seed[0][0])
@@ -115,7 +116,7 @@ def test_device_views_are_a_function_of_seed_epoch_and_images():
 
 def test_every_image_draws_its_own_parameters():
     x = torch.from_numpy(coordinate_image()).permute(2, 0, 1)[None].expand(64, -1, -1, -1).contiguous()
-    views = B.batched_view(x, B.ViewSpec(32), torch.Generator().manual_seed(0))
+    views = D.batched_view(x, D.ViewSpec(32), torch.Generator().manual_seed(0))
     assert len({tuple(v.flatten()[:50].tolist()) for v in views}) == 64
 
 

@@ -9,7 +9,6 @@ import torch.nn as nn
 import torchvision
 
 import common as C
-from tiny_data import write_cifar10, write_imagefolder
 
 
 @pytest.fixture(autouse=True)
@@ -253,27 +252,6 @@ def test_resnet18_loads_strictly_into_torchvision():
         tv96.load_state_dict(big.state_dict(), strict=True)
     finally:
         torch.set_default_dtype(torch.float64)
-
-
-def test_load_dataset_real_readers(tmp_path):
-    write_cifar10(tmp_path, n_train_per_class=2, n_test_per_class=1)
-    train = C.load_dataset("cifar10", tmp_path, "train")
-    test = C.load_dataset("cifar10", tmp_path, "test")
-    assert len(train) == 20 and len(test) == 10 and C.num_classes(train) == 10
-    img, label = train[0]
-    assert img.size == (32, 32) and 0 <= label < 10
-    write_imagefolder(tmp_path / "folder", n_classes=3, n_train_per_class=2, n_val_per_class=1)
-    assert len(C.load_dataset("imagefolder", tmp_path / "folder", "test")) == 3
-
-
-def test_missing_data_says_where_and_what_to_do(tmp_path):
-    with pytest.raises(C.DataError, match=r"cifar-10-batches-py.*--download"):
-        C.load_dataset("cifar10", tmp_path, "train")
-    with pytest.raises(C.DataError, match=r"train/ with one folder per class"):
-        C.load_dataset("imagefolder", tmp_path, "train")
-    (tmp_path / "cifar-10-batches-py").mkdir()
-    with pytest.raises(C.DataError, match="could not be loaded"):
-        C.load_dataset("cifar10", tmp_path, "train")
 
 
 def test_atomic_save_and_clear_checkpoint_errors(tmp_path):

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torchvision
 
 import common
+import data as D
 import linear_eval as L
 from tiny_data import write_cifar10
 
@@ -255,7 +256,7 @@ def test_backbone_left_in_train_mode_is_caught(data, tmp_path, monkeypatch, caps
 
 def test_features_do_not_depend_on_the_batch(data):
     """Eval mode: an image's features do not depend on the other images of its batch."""
-    ds = common.load_dataset("cifar10", data, "test", common.eval_transform("cifar10", 32))
+    ds = D.load_dataset("cifar10", data, "test", D.eval_transform("cifar10", 32))
     m = L.freeze(backbone())
     a, ya = L.extract_features(m, ds, torch.device("cpu"), batch_size=7)
     b, yb = L.extract_features(m, ds, torch.device("cpu"), batch_size=64)
@@ -312,17 +313,17 @@ def test_knn_hand_made():
     train = at([10.0, 60.0, 70.0, 170.0])  # cosines 0.985, 0.5, 0.342, -0.985
     labels = torch.tensor([0, 1, 1, 2])
     query = at([0.0]) * 5  # the norm must not matter: cosine similarity
-    s3 = L.knn_scores(train, labels, query, 3, k=3, temperature=0.07)
+    s3 = common.knn_scores(train, labels, query, 3, k=3, temperature=0.07)
     cos = torch.tensor([10.0, 60.0, 70.0]).deg2rad().cos()
     w = (cos / 0.07).exp()
     torch.testing.assert_close(s3[0], torch.stack([w[0], w[1] + w[2], torch.tensor(0.0)]))
     assert s3.argmax(1).item() == 0  # two class-1 neighbours, but the class-0 one is far closer
     # At a high temperature the votes are nearly equal and the majority wins.
-    assert L.knn_scores(train, labels, query, 3, k=3, temperature=100.0).argmax(1).item() == 1
+    assert common.knn_scores(train, labels, query, 3, k=3, temperature=100.0).argmax(1).item() == 1
     # k larger than the train set: everyone votes, including the class-2 point.
-    s_all = L.knn_scores(train, labels, query, 3, k=200, temperature=0.07)
+    s_all = common.knn_scores(train, labels, query, 3, k=200, temperature=0.07)
     assert s_all[0, 2] > 0 and s_all.argmax(1).item() == 0
-    assert L.topk_accuracy(s_all, torch.tensor([2]), ks=(1, 5)) == [0.0, 1.0]
+    assert common.topk_accuracy(s_all, torch.tensor([2]), ks=(1, 5)) == [0.0, 1.0]
 
 
 # --- the training scripts' output ----------------------------------------------------------------

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 import common as C
+import rundir as R
 import train_byol as B
+import train_simsiam as S
 from tiny_data import write_cifar10, write_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
-TIMING = {"images_per_s", "wall_time_s"}  # the only fields of metrics.jsonl that may differ between runs
+TIMING = {"images_per_s", "wall_time_s", "train_s", "epoch_s"}  # the only fields of metrics.jsonl that may differ between runs
 
 # A subprocess that runs train_byol.main with the same kernels as the in-process runs of this module
 # (see conftest.no_onednn), optionally hanging in the middle of writing the checkpoint of step SLOW_SAVE_AT.
@@ -114,11 +116,11 @@ def same(a, b, where="") -> None:
 
 def assert_same_run(run: Path, ref: Path) -> None:
     a, b = C.load_checkpoint(run / "last.pt"), C.load_checkpoint(ref / "last.pt")
-    assert B.settings_diff(a["args"], b["args"]) == []
+    assert R.settings_diff(a["args"], b["args"]) == []
     for key in ("step", "model", "optimizer", "readout_optimizer", "scaler", "rng", "epoch_sums", "low_std_epochs"):
         same(a[key], b[key], key)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
-    assert strip(B.read_metrics(run / "metrics.jsonl")) == strip(B.read_metrics(ref / "metrics.jsonl"))
+    assert strip(R.read_metrics(run / "metrics.jsonl")) == strip(R.read_metrics(ref / "metrics.jsonl"))
     same(torch.load(run / "backbone.pt", weights_only=True), torch.load(ref / "backbone.pt", weights_only=True))
 
 
@@ -155,7 +157,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, cifar, referen
 
 def test_checkpoint_holds_everything_and_loads_weights_only(reference):
     ckpt = torch.load(reference / "last.pt", weights_only=True)
-    assert set(B.CHECKPOINT_KEYS) <= ckpt.keys()
+    assert set(R.CHECKPOINT_KEYS) <= ckpt.keys()
     assert ckpt["step"] == 12 and ckpt["args"]["predictor"] == "directpred"
     assert "predictor.C" in ckpt["model"] and ckpt["model"]["predictor.C"].abs().sum() > 0
     assert any(k.startswith("target.") for k in ckpt["model"]) and any(k.startswith("readout.") for k in ckpt["model"])
@@ -169,9 +171,9 @@ def snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def run_fails(argv, capsys, *expect) -> str:
+def run_fails(argv, capsys, *expect, main=B.main) -> str:
     with pytest.raises(SystemExit) as e:
-        B.main(argv=argv)
+        main(argv=argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -181,7 +183,7 @@ def run_fails(argv, capsys, *expect) -> str:
 
 
 def _not_weights(path):
-    torch.save({"format": B.FORMAT, "payload": io.StringIO("a Python object")}, path)
+    torch.save({"format": R.FORMAT, "payload": io.StringIO("a Python object")}, path)
 
 
 @pytest.mark.parametrize("damage,expect", [
@@ -215,7 +217,6 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, cifar, reference, caps
     (["--batch-size", "1"], "BatchNorm"),
     (["--batch-size", "1000"], "larger than the 80 training images"),
     (["--crop", "64"], "--crop 64 is larger than the 32x32 images of cifar10"),
-    (["--no-stop-grad", "--no-isoloss"], "--no-stop-grad is the shared-weights ablation"),
     (["--overwrite", "--allow-changes"], "contradict"),
     (["--tau-c", "1.0"], "--tau-c"),
     (["--alpha", "0"], "--alpha must be > 0"),
@@ -226,9 +227,17 @@ def test_contradictory_options(tmp_path, cifar, extra, expect, capsys):
     assert not out.exists()
 
 
+def test_isoloss_without_stop_gradient_is_refused(tmp_path, cifar, capsys):
+    out = tmp_path / "run"
+    run_fails(argv_for(cifar, out, "--no-stop-grad"), capsys, "--isoloss is built from stop-gradients", main=S.main)
+    assert not out.exists()
+
+
 def test_unknown_option_and_preset(tmp_path, cifar, capsys):
     out = tmp_path / "run"
-    for argv in (argv_for(cifar, out, "--learning-rate", "3"), ["simclr", "--out-dir", str(out)]):
+    # train_byol.py has no stop-gradient switch: its EMA target gets no gradient anyway
+    for argv in (argv_for(cifar, out, "--learning-rate", "3"), ["simclr", "--out-dir", str(out)],
+                 argv_for(cifar, out, "--no-stop-grad")):
         with pytest.raises(SystemExit) as e:
             B.main(argv=argv)
         assert e.value.code != 0
@@ -263,10 +272,10 @@ def test_run_directory_with_other_settings_is_refused_unless_asked(tmp_path, cif
     # --allow-changes resumes with the new settings (here: a longer run) ...
     B.main(argv=argv_for(cifar, out, "--epochs", "2", "--steps-per-epoch", "1", "--allow-changes"))
     assert "with changed settings: epochs: 1 -> 2" in capsys.readouterr().out
-    assert [r["step"] for r in B.read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in R.read_metrics(out / "metrics.jsonl")] == [1, 2]
     # ... and --overwrite starts afresh.
     B.main(argv=argv_for(cifar, out, *short, "--lr", "0.5", "--overwrite"))
-    assert [r["step"] for r in B.read_metrics(out / "metrics.jsonl")] == [1]
+    assert [r["step"] for r in R.read_metrics(out / "metrics.jsonl")] == [1]
     assert C.load_checkpoint(out / "last.pt")["args"]["lr"] == 0.5
 
 
@@ -309,6 +318,6 @@ def test_collapse_is_reported_in_the_log_and_the_metrics(tmp_path, cifar, monkey
     monkeypatch.setattr(C, "normalized_std", lambda z: torch.zeros((), device=z.device))
     out = tmp_path / "run"
     B.main(argv=argv_for(cifar, out, "--steps-per-epoch", "1", "--collapse-epochs", "2", preset="byol"))
-    assert [r["collapse_warning"] for r in B.read_metrics(out / "metrics.jsonl")] == [False, True, True]
+    assert [r["collapse_warning"] for r in R.read_metrics(out / "metrics.jsonl")] == [False, True, True]
     err = capsys.readouterr().err
     assert err.count("warning: possible collapse") == 2

@@ -1,0 +1,103 @@
+"""data.py: the real readers on tiny data sets in the real formats, scikit-learn's digits, and an
+unreadable image named in one `error:` line wherever it is read: in the main process and in loader
+workers, in both training scripts and in linear_eval.py."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import common as C
+import data as D
+import linear_eval as L
+import train_byol as B
+import train_simsiam as S
+from tiny_data import write_cifar10, write_imagefolder
+
+
+def test_load_dataset_real_readers(tmp_path):
+    write_cifar10(tmp_path, n_train_per_class=2, n_test_per_class=1)
+    train = D.load_dataset("cifar10", tmp_path, "train")
+    test = D.load_dataset("cifar10", tmp_path, "test")
+    assert len(train) == 20 and len(test) == 10 and len(train.classes) == 10
+    img, label = train[0]
+    assert img.size == (32, 32) and 0 <= label < 10
+    write_imagefolder(tmp_path / "folder", n_classes=3, n_train_per_class=2, n_val_per_class=1)
+    assert len(D.load_dataset("imagefolder", tmp_path / "folder", "test")) == 3
+
+
+def test_missing_data_says_where_and_what_to_do(tmp_path):
+    with pytest.raises(D.DataError, match=r"cifar-10-batches-py.*--download"):
+        D.load_dataset("cifar10", tmp_path, "train")
+    with pytest.raises(D.DataError, match=r"train/ with one folder per class"):
+        D.load_dataset("imagefolder", tmp_path, "train")
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(D.DataError, match="could not be loaded"):
+        D.load_dataset("cifar10", tmp_path, "train")
+
+
+def test_digits_are_a_fixed_stratified_split_of_real_scans():
+    train, test = D.load_dataset("digits", "unused", "pretrain"), D.load_dataset("digits", "unused", "test")
+    assert (len(train), len(test)) == (1300, 497) and len(train.classes) == 10
+    assert train.data.shape == (1300, 32, 32, 3) and train.data.dtype == np.uint8
+    assert (train.data[..., 0] == train.data[..., 2]).all() and train.data.max() == 255 and train.data.min() == 0
+    counts = np.bincount(test.targets, minlength=10)
+    assert counts.min() >= 48 and counts.max() <= 51  # stratified: about 497 / 10 per class
+    np.testing.assert_array_equal(np.bincount(train.targets) + counts, np.bincount(load_digits().target))
+    again = D.load_dataset("digits", "unused", "train")
+    assert np.array_equal(again.data, train.data) and again.targets == train.targets  # fixed, and 'train' == 'pretrain'
+    image, label = test[0]
+    assert image.size == (32, 32) and label == test.targets[0]
+    x, y = D.images_as_tensor(train)  # the device augmentation path takes it like CIFAR
+    assert x.shape == (1300, 3, 32, 32) and torch.equal(y, torch.tensor(train.targets))
+
+
+@pytest.fixture
+def broken_folder(tmp_path):
+    """An image folder whose train/ holds one truncated PNG (half its bytes), 16 train images in all."""
+    folder = write_imagefolder(tmp_path / "folder", n_classes=4, n_train_per_class=4, n_val_per_class=2, size=32)
+    bad = sorted((folder / "train" / "class2").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    return folder, bad
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_image_is_a_data_error_naming_the_file_in_any_process(broken_folder, workers):
+    folder, bad = broken_folder
+    base = D.load_dataset("imagefolder", folder, "pretrain")
+    views = D.TwoViews(base, tuple(map(D.pil_view, D.view_specs(16, (0.0, 0.0)))), seed=0)
+    loader = D.loader(views, workers, False, batch_sampler=D.EpochBatches(len(base), 16, 1, seed=0))
+    with pytest.raises(D.DataError) as e:
+        list(loader)
+    assert str(e.value) == f"{bad}: cannot be read as an image ({str(e.value).split('(', 1)[1]}"
+    assert len(str(e.value).splitlines()) == 1 and "replace or delete the file" in str(e.value)
+
+
+def one_error_line(capsys, run) -> str:
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("script", [B, S], ids=["train_byol", "train_simsiam"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_stops_with_one_line_naming_a_truncated_image(broken_folder, tmp_path, capsys, script, workers,
+                                                               no_onednn):
+    folder, bad = broken_folder
+    argv = ["--dataset", "imagefolder", "--data-dir", str(folder), "--out-dir", str(tmp_path / "run"), "--crop", "16",
+            "--batch-size", "16", "--epochs", "1", "--width", "0.0625", "--proj-hidden", "16", "--proj-dim", "8",
+            "--pred-hidden", "16", "--num-workers", str(workers), "--knn-k", "0"]
+    assert str(bad) in one_error_line(capsys, lambda: script.main(argv))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_linear_eval_stops_with_one_line_naming_a_truncated_image(broken_folder, tmp_path, capsys, workers):
+    folder, bad = broken_folder
+    torch.save(C.resnet18(0.0625).state_dict(), tmp_path / "backbone.pt")
+    args = L.Args(checkpoint=str(tmp_path / "backbone.pt"), dataset="imagefolder", data_dir=str(folder), crop=16,
+                  num_workers=workers)
+    assert str(bad) in one_error_line(capsys, lambda: L.main(args))

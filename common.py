@@ -9,9 +9,9 @@ non-contrastive SSL", NeurIPS 2023) and to ../shared/SPEC.md:
   correlation_batch, ClosedFormPredictor  SPEC 2: C <- tau C + (1 - tau) Z^T Z / B, eigh, W_P = U diag(s_hat^a) U^T
   symmetric_loss                      SPEC 1: both view orders, summed (not averaged)
   participation_ratio, normalized_std, eigenvector_alignment, centred_spectrum, effective_rank,
-  knn_scores, topk_accuracy           what the runs log (SPEC 6) and how collapse is told from health
+  mode_gradients, knn_scores, topk_accuracy  what the runs log (SPEC 6), how collapse is told from health
   resnet18                            the backbone, with torchvision's parameter names
-  pick_device, atomic_save, load_checkpoint, Progress, die: plumbing every script needs
+  pick_device, cpu_info, atomic_save, load_checkpoint, Progress, die: plumbing every script needs
 
 Conventions: a batch is (B, d); every loss is a per-sample loss averaged over the batch; the
 target t is detached inside the loss (stop-gradient), except where `stop_grad=False` asks for
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -245,6 +246,25 @@ def knn_scores(train_x, train_y, test_x, n_classes, k, temperature=0.07, chunk=1
     return torch.cat(out)
 
 
+def mode_gradients(predictor: ClosedFormPredictor, loss: str, z: torch.Tensor, t: torch.Tensor) -> dict:
+    """What the theory is about, measured in a deep run: the gradient that reaches z (one view order),
+    per eigenvector of C (ascending eigenvalue), as the RMS over the batch of the per-sample gradient,
+    for the standard loss (through W_P^T) and for IsoLoss (without it), at the same z and t; and the
+    mean cosine between the descent direction and z, > 0 where a step lengthens z."""
+    U, out = torch.linalg.eigh(predictor.C)[1], {}
+    for name in ("standard", "iso"):
+        zz, tt = z.detach().double().requires_grad_(), t.detach().double()
+        p, p_sqrt = predictor(zz)
+        if name == "iso":
+            value = iso_cosine_loss(zz, p, p_sqrt, tt) if loss == "cosine" else iso_euclidean_loss(zz, p, tt)
+        else:
+            value = cosine_loss(p, tt) if loss == "cosine" else euclidean_loss(p, tt)
+        g = torch.autograd.grad(value, zz)[0] * len(zz)
+        out[f"grad_modes_{name}"] = (g @ U).square().mean(0).sqrt().tolist()
+        out[f"grad_radial_{name}"] = float(F.cosine_similarity(-g, zz.detach(), dim=1).mean())
+    return out
+
+
 def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[float]:
     """Fraction of rows whose label is among the k highest scores (k capped at the class count)."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
@@ -313,6 +333,21 @@ def resnet18(width: float = 1.0, small_stem: bool = True) -> ResNet18:
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """This machine's CPU, for labelling what was measured on it (machines differ): "model, N cores,
+    vector extensions, bf16", and its /proc/cpuinfo flags (empty where there is no such file)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    ext = "/".join(n for n, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if f in flags) or "no AVX2"
+    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
+    return f"{model}, {os.cpu_count()} cores, {ext}, {bf16}", flags
 
 
 class CheckpointError(RuntimeError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -174,8 +175,9 @@ def epoch_record(learner: nn.Module, epoch: int, step: int, sums: torch.Tensor, 
     s = torch.linalg.eigvalsh(learner.correlation())
     record = dict(epoch=epoch, step=step, loss=ssl, cosine_loss=plain, readout_loss=ce, std_normalized_z=std, **health,
                   eigenvalues=s.tolist(), participation_ratio=C.participation_ratio(s), **extra)
-    if learner.closed_form:  # how many directions W_P = U diag(s_hat^alpha) U^T lets through
+    if learner.closed_form:  # how many directions W_P = U diag(s_hat^alpha) U^T lets through, and the gradients
         record["erank_predictor"] = C.effective_rank(torch.linalg.eigvalsh(learner.predictor.W).square())
+        record.update(C.mode_gradients(learner.predictor, learner.args.loss, *learner.last_pair))
     if learner.args.predictor == "linear":
         record["eigenvector_alignment"] = C.eigenvector_alignment(learner.predictor.weight, learner.correlation()).tolist()
     return record
@@ -192,40 +194,57 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+_last_plot = [0.0]  # when the figures were last drawn (time.monotonic)
+
+
 def append_metrics(out: Path, record: dict, epochs: int) -> None:
-    """One more line of metrics.jsonl, the figures redrawn from the whole file, and a summary line printed."""
+    """One more line of metrics.jsonl and a summary line printed; the figures are redrawn from the whole
+    file after the last epoch and at most every 30 s before it (drawing costs about a second)."""
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    plot(out, read_metrics(out / "metrics.jsonl"))
-    knn = "" if record["knn_top1"] is None else f"  k-NN {record['knn_top1']:.2f}%"
-    print(f"epoch {record['epoch']}/{epochs}  step {record['step']}  loss {record['loss']:.4f}  online_readout top-1 "
-          f"{record['online_readout_top1']:.2f}%{knn}  effective rank z {record['erank_z']:.1f} f {record['erank_f']:.1f}"
+    if record["epoch"] == epochs or time.monotonic() - _last_plot[0] > 30:
+        plot(out, read_metrics(out / "metrics.jsonl"))
+        _last_plot[0] = time.monotonic()
+    health = "" if "erank_z" not in record else (
+        f"  online_readout top-1 {record['online_readout_top1']:.2f}%"
+        + ("" if record["knn_top1"] is None else f"  k-NN {record['knn_top1']:.2f}%")
+        + f"  effective rank z {record['erank_z']:.1f} f {record['erank_f']:.1f}")
+    print(f"epoch {record['epoch']}/{epochs}  step {record['step']}  loss {record['loss']:.4f}{health}"
           f"  std(z/|z|) {record['std_normalized_z']:.4f}", flush=True)
 
 
 def plot(out: Path, records: list[dict]) -> None:
     """eigenvalues.png (the three spectra, log scale, as the paper's Figs. 3, 7, 8) and online_readout.png
-    (accuracy, effective rank, collapse indicator), from the records of metrics.jsonl."""
+    (accuracy, effective rank, the collapse indicator and the mean's share of z), from the records of
+    metrics.jsonl (the evaluated epochs for what the evaluation measures)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs, last = [r["epoch"] for r in records], records[-1]
+
+    def series(key):
+        rs = [r for r in records if r.get(key) is not None]
+        return [r["epoch"] for r in rs], [r[key] for r in rs]
+    last = {k: v for r in records for k, v in r.items() if v is not None}  # the latest value of every key
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("eigenvalues", "cov_z_eigenvalues", "cov_f_eigenvalues"), (
             f"C = running E[z z^T], uncentred (the predictor's)\nparticipation ratio {last['participation_ratio']:.1f}",
-            f"covariance of z, centred (test split, eval mode)\neffective rank {last['erank_z']:.1f}",
-            f"covariance of backbone features, centred (test, eval)\neffective rank {last['erank_f']:.1f}")):
-        ax.plot(epochs, torch.tensor([r[key] for r in records]).clamp_min(1e-12).flip(1).numpy(), color="tab:blue", lw=0.6)
+            f"covariance of z, centred (test split, eval mode)\neffective rank {last.get('erank_z', math.nan):.1f}",
+            f"covariance of backbone features, centred (test, eval)\neffective rank {last.get('erank_f', math.nan):.1f}")):
+        epochs, values = series(key)
+        if values:
+            ax.plot(epochs, torch.tensor(values).clamp_min(1e-12).flip(1).numpy(), color="tab:blue", lw=0.6)
         ax.set(yscale="log", xlabel="epoch", ylabel="eigenvalue", title=title)
     fig.tight_layout()
     fig.savefig(out / "eigenvalues.png", dpi=110)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for ax, keys, ylabel, title in zip(
-            axes, (("online_readout_top1", "knn_top1"), ("erank_z", "erank_f"), ("std_normalized_z",)),
-            ("accuracy (%)", "effective rank (RankMe)", "std of z/|z|"),
-            ("test split, eval mode", "centred covariance (test split, eval mode)", "collapse indicator (training batches)")):
-        for key in (k for k in keys if last.get(k) is not None):
-            ax.plot(epochs, [r[key] for r in records], "o-", label=key)
+            axes, (("online_readout_top1", "knn_top1"), ("erank_z", "erank_f"), ("std_normalized_z",), ("mean_share_z",)),
+            ("accuracy (%)", "effective rank (RankMe)", "std of z/|z|", "|E z|^2 / E|z|^2"),
+            ("test split, eval mode", "centred covariance (test split, eval mode)", "collapse indicator (training batches)",
+             "share of the mean in z (test split, eval mode)")):
+        for key in keys:
+            if series(key)[0]:
+                ax.plot(*series(key), "o-", label=key)
         ax.set(xlabel="epoch", ylabel=ylabel, title=title, ylim=(0, None))
     axes[2].axhline(1 / math.sqrt(len(last["eigenvalues"])), color="gray", ls="--", label="healthy 1/sqrt(d)")
     for ax in axes:

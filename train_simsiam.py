@@ -124,6 +124,8 @@ class Args:
     """Learning rate of the online linear readout (SGD, momentum 0.9, constant) on detached features."""
     knn_k: int = 20
     """Neighbours of the k-NN monitor (cosine; test split against up to 10,000 train images); 0 turns it off."""
+    eval_every: int = 1
+    """Evaluate (readout, k-NN, spectra of the test split) every this many epochs, and after the last."""
     collapse_ratio: float = 0.2
     """Warn about a collapse when the std of l2-normalised z falls below this fraction of the healthy 1/sqrt(d) ..."""
     collapse_epochs: int = 3
@@ -156,10 +158,10 @@ PRESETS = {
     "no-predictor": ("Ablation: no predictor (p = z); collapses.", Args(name="simsiam-no-predictor", predictor="none")),
     "no-stop-grad": ("Ablation: the gradient also flows through the targets; collapses.",
                      Args(name="simsiam-no-stop-grad", stop_grad=False)),
-    "cpu-demo": ("Laptop trial: IsoLoss on scikit-learn's digits at a quarter width, minutes on two CPU cores.",
-                 Args(name="simsiam-cpu-demo", predictor="directpred", isoloss=True, dataset="digits", width=0.25,
-                      proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=15, warmup_epochs=1,
-                      num_workers=0, augment_on="device", log_every=10)),
+    "cpu-demo": ("Laptop trial on scikit-learn's digits (IsoLoss, a quarter width, 16-pixel crops): minutes on 2 CPU cores.",
+                 Args(name="simsiam-cpu-demo", predictor="directpred", isoloss=True, dataset="digits", crop=16,
+                      width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20, warmup_epochs=1,
+                      num_workers=0, augment_on="device", eval_every=2, log_every=10)),
 }
 # --- END METHOD ---
 
@@ -190,7 +192,8 @@ def check_args(args: Args, world: int) -> None:
     ]
     positive = dict(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch or 1, log_every=args.log_every,
                     lr=args.lr, readout_lr=args.readout_lr, width=args.width, proj_hidden=args.proj_hidden,
-                    proj_dim=args.proj_dim, pred_hidden=args.pred_hidden, collapse_epochs=args.collapse_epochs)
+                    proj_dim=args.proj_dim, pred_hidden=args.pred_hidden, collapse_epochs=args.collapse_epochs,
+                    eval_every=args.eval_every)
     problems += [(v <= 0, f"--{k.replace('_', '-')} must be > 0, got {v}") for k, v in positive.items()]
     problems += [(v < 0, f"--{k.replace('_', '-')} must be >= 0, got {v}") for k, v in dict(
         num_workers=args.num_workers, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
@@ -202,10 +205,6 @@ def check_args(args: Args, world: int) -> None:
 # --- The model: backbone + projector, predictor, targets, online readout --------------------------
 
 
-def projector(inp: int, hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
-
-
 class Learner(nn.Module):
     """Everything that trains, in one module so that DDP sees it whole. forward(x1, x2, y) returns
     (loss to minimise, SSL loss, plain cosine loss, readout loss, std of l2-normalised z), all but the
@@ -215,7 +214,8 @@ class Learner(nn.Module):
         super().__init__()
         self.args = args
         self.backbone = C.resnet18(args.width, small_stem)
-        self.projector = projector(self.backbone.out_dim, args.proj_hidden, args.proj_dim)
+        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden),
+                                       nn.ReLU(inplace=True), nn.Linear(args.proj_hidden, args.proj_dim))
         self.predictor = C.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps)
         self.closed_form = isinstance(self.predictor, C.ClosedFormPredictor)
         # --- METHOD (SimSiam): the target network ---
@@ -235,8 +235,7 @@ class Learner(nn.Module):
         f1, f2 = self.backbone(x1), self.backbone(x2)
         z1, z2 = self.projector(f1).float(), self.projector(f2).float()
         # --- METHOD (SimSiam): the targets ---
-        # The same pass's outputs; symmetric_loss detaches them (the stop-gradient), except in the
-        # no-stop-gradient ablation, where the gradient flows through both branches.
+        # This pass's outputs, detached in symmetric_loss (the stop-gradient) unless the ablation says otherwise.
         t1, t2, stop_grad = z1, z2, self.args.stop_grad
         # --- END METHOD ---
         z = torch.cat([z1, z2]).detach()
@@ -247,6 +246,7 @@ class Learner(nn.Module):
         # The loss in float32 even under autocast: W_P z and the norms need the precision.
         with torch.autocast(x1.device.type, enabled=False):
             ssl, plain = C.symmetric_loss(self.args.loss, self.args.isoloss, self.predictor, z1, z2, t1, t2, stop_grad)
+            self.last_pair = z1.detach(), t2.detach()  # for the gradient diagnostics of the epoch's metrics
             # The readout sees detached features: it measures the representation, never shapes it.
             # STL-10's unlabeled images have label -1 and do not count.
             logits = self.readout(f1.detach().float())
@@ -450,10 +450,11 @@ def train(args: Args) -> Learner:
             if not cuda:
                 R.average_batchnorm_statistics(learner)
         R.check_finite(bad_step, learner, step, out)  # before evaluating: NaN weights would only break the metrics
-        record = R.epoch_record(learner, epoch + 1, step, sums, steps_per_epoch, evaluate(learner, test_loader, bank_loader,
-                              device, autocast), lr=lr, tau=tau, images_per_s=(step - epoch_start_step) * args.batch_size
-                              / seconds, train_s=seconds, epoch_s=time.perf_counter() - t_epoch,
-                              wall_time_s=elapsed + time.perf_counter() - t_start)
+        health = evaluate(learner, test_loader, bank_loader, device, autocast) \
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else {}
+        record = R.epoch_record(learner, epoch + 1, step, sums, steps_per_epoch, health, lr=lr, tau=tau,
+                                images_per_s=(step - epoch_start_step) * args.batch_size / seconds, train_s=seconds,
+                                epoch_s=time.perf_counter() - t_epoch, wall_time_s=elapsed + time.perf_counter() - t_start)
         healthy = 1 / math.sqrt(args.proj_dim)
         low_std_epochs = low_std_epochs + 1 if record["std_normalized_z"] < args.collapse_ratio * healthy else 0
         record["collapse_warning"] = low_std_epochs >= args.collapse_epochs

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import common as C
@@ -226,6 +227,35 @@ def test_spectrum_helpers():
     torch.testing.assert_close(C.eigenvector_alignment(Cm @ Cm + torch.eye(6), Cm), torch.ones(6))
     rot = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))[0]
     assert C.eigenvector_alignment(rot, Cm).min() < 0.9
+
+
+def test_health_metrics_tell_a_collapsed_representation_from_a_spread_one():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(2000, 16, generator=g) + 30  # a large shared mean, variance in every direction
+    collapsed = torch.randn(2000, 1, generator=g) * torch.randn(1, 16, generator=g) + 30  # one direction only
+    assert C.effective_rank(C.centred_spectrum(spread)) > 15 and C.effective_rank(C.centred_spectrum(collapsed)) < 1.5
+    # the uncentred second moment cannot tell them apart: the mean dominates both
+    assert C.participation_ratio(torch.linalg.eigvalsh(spread.T @ spread)) < 1.1
+    torch.testing.assert_close(C.centred_spectrum(spread), torch.linalg.eigvalsh(torch.cov(spread.T.double())).clamp_min(0))
+    assert C.effective_rank(torch.tensor([4.0, 4.0, 0.0])) == pytest.approx(2.0, rel=1e-6)
+    y = torch.arange(4).repeat(50)
+    bank = F.one_hot(y, 4).double() + 0.01 * torch.randn(200, 4, generator=g)
+    assert C.topk_accuracy(C.knn_scores(bank, y, bank, 4, k=20), y, ks=(1,)) == [1.0]
+
+
+@pytest.mark.parametrize("loss", ["cosine", "euclidean"])
+def test_mode_gradients_standard_is_isoloss_times_the_predictor_eigenvalue(loss):
+    """The paper's statement in a measurable form: per eigenmode of C, the standard gradient at z is the
+    IsoLoss gradient times the eigenvalue s_hat^alpha of W_P; only IsoLoss's cosine step lengthens z."""
+    Z, _ = known_C()
+    pred = C.ClosedFormPredictor(6, alpha=0.5, eps=0.1, tau=0.0)
+    pred.update(Z)
+    t = Z + 0.3 * torch.randn(Z.shape, generator=torch.Generator().manual_seed(1))
+    out = C.mode_gradients(pred, loss, Z, t)
+    torch.testing.assert_close(torch.tensor(out["grad_modes_standard"]),
+                               torch.tensor(out["grad_modes_iso"]) * torch.linalg.eigvalsh(pred.W))
+    if loss == "cosine":
+        assert abs(out["grad_radial_standard"]) < 1e-10 and out["grad_radial_iso"] > 1e-4
 
 
 # --- backbone, data, plumbing -------------------------------------------------------------------

@@ -2,8 +2,8 @@
 (Halvagal, Laborieux, Zenke, NeurIPS 2023): Figs. 2, 5 and 6, with the eigenmode theory drawn
 over the simulation.
 
-Reproduce the paper's toy figures (Figs. 2, 5, 6, summary.json; about 30 s on a 2-core CPU,
-torch 2.14 CPU, one thread):
+Reproduce the paper's toy figures (Figs. 2, 5, 6, summary.json; about 25 s on a 2-core CPU,
+torch 2.14 CPU, one thread, over half of it the 100,000-step no-predictor runs):
     python toy_linear.py
 Only some figures or settings, noise on both views, the notebook's 50,000 samples per step:
     python toy_linear.py --figures fig2 --settings euclidean-standard euclidean-isoloss
@@ -26,12 +26,14 @@ Exact expectation vs Monte Carlo:
     polynomial in W (Gaussian inputs only enter through their covariances), so these runs use
     it exactly: no sampling noise, and the no-predictor run does not move at all.
   * cosine settings and everything with ReLU: no closed form, so each step draws `--samples`
-    fresh inputs (shared by all runs of a block) and averages the exact per-sample gradients.
+    fresh inputs (shared by all runs of a simulation; Figs. 2 and 6 share theirs) and averages
+    the exact per-sample gradients.
     Each input is used twice, with +noise and -noise (antithetic pairs): the part of the
     gradient linear in the noise averages to zero and cancels exactly within a pair, which makes
     2,048 samples give the notebook's curves (50,000 samples) within line width, and 256 enough
     for the slow drift of the 100,000-step no-predictor runs (checked against 1,024 and 4,096).
-    Samples are float32 (fast to draw); W and all eigendecompositions are float64.
+    Samples and the weights of these runs are float32 (their sampling error dwarfs rounding);
+    the exact runs and all eigendecompositions are float64.
 
 Theory (dashed lines on every linear eigenvalue panel): each mode's eigenvalue evolves on its own,
 lambda_m <- (1 - eta g_m)^2 lambda_m per step, where g_m is the gradient's eigenvalue in that
@@ -129,9 +131,8 @@ def predictor(W, uses_predictor, alpha):
     """Closed-form predictor from W W^T, and the eigenvalues of W W^T (ascending), in float64."""
     lam, U = torch.linalg.eigh(W @ W.mT)
     lam = lam.clamp(min=0)  # rounding can make an eigenvalue of a collapsed mode slightly negative
-    WP = U @ torch.diag_embed(lam**alpha) @ U.mT
-    eye = torch.eye(W.shape[1], dtype=W.dtype)
-    return uses_predictor * WP + (1 - uses_predictor) * eye, lam
+    WP = (U * (lam**alpha).unsqueeze(-2)) @ U.mT
+    return torch.where(uses_predictor > 0, WP, torch.eye(W.shape[1], dtype=W.dtype)), lam
 
 
 def expected_grad(W, WP, f, sigma, both):
@@ -156,63 +157,129 @@ def expected_grad_matrix(WP, f, sigma, both):
 def sampled_grad(W, WP, x1, x2, cosine, iso, no_sg, relu):
     """Average over the samples of the exact per-sample gradient dL/dW, for S runs at once.
 
-    W (S, M, N); WP (S, M, M), or None when no run has a predictor; x1, x2 (B, N) shared by all
-    runs; cosine, relu: one bool for all runs of the call, or (S, 1) bool tensors, one flag per
-    run (then both losses, or both activations, are computed and each run takes its own);
-    iso: (S, 1) flags, 1 for IsoLoss; no_sg: (S, 1) flags, 1 where the gradient also flows
-    through the target, or None.
-    The runs are stacked along the output axis, so that both products with x are single matrix
-    multiplications: (B, N) @ (N, S*M) and (S*M, B) @ (B, N).
+    W (S, M, N); WP (S, M, M), or None when no run has a predictor; x1, x2 (B, N): the online
+    and the target inputs, shared by all runs; cosine, relu: one bool for all runs of the call,
+    or (S, 1) bool tensors, one flag per run; iso: (S, 1) flags, 1 for IsoLoss; no_sg: (S, 1)
+    flags, 1 where the gradient also flows through the target, or None.
     """
-    S, M, N = W.shape
-    h1, h2 = (x @ W.reshape(S * M, N).T for x in (x1, x2))
-    h1, h2 = h1.view(-1, S, M), h2.view(-1, S, M)
-    # ReLU is max(h, 0) and the identity is max(h, -inf): a per-run floor serves both at once.
-    # Per-run flags are widened to (S, M): broadcasting an (S, 1) operand over the last axis is
-    # four times slower on the CPU than a contiguous (S, M) one.
-    floor = None
-    if isinstance(relu, torch.Tensor):
-        floor = torch.where(relu.expand(S, M), 0.0, -torch.inf).to(h1.dtype)
-    elif relu:
-        floor = torch.zeros((), dtype=h1.dtype)
-    z, t = (h1, h2) if floor is None else (torch.maximum(h1, floor), torch.maximum(h2, floor))
-    p = z if WP is None else torch.einsum("bsm,smk->bsk", z, WP)  # W_P is symmetric
-    if cosine is not False:  # L = -cos(p, t); the clamp only guards a ReLU output that is zero
-        n_p = p.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        n_t = t.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        p_hat, t_hat = p / n_p, t / n_t
-        cos = (p_hat * t_hat).sum(-1, keepdim=True)
-        d_p = (cos * p_hat - t_hat) / n_p  # dL/dp, orthogonal to p
-        if no_sg is not None:
-            d_t = (cos * t_hat - p_hat) / n_t  # dL/dt, orthogonal to t
-    if isinstance(cosine, torch.Tensor):
-        cosine = cosine.expand(S, M).contiguous()
-    if cosine is not True:  # L = 1/2 ||p - t||^2
-        d_p_euc = p - t
+    grad = grad_fn(cosine, iso, no_sg, relu, W.dtype, online_views=1, target_views=1)
+    return grad(W, WP, torch.cat([x1, x2])) / x1.shape[0]
+
+
+def grad_fn(cosine, iso, no_sg, relu, dtype, online_views, target_views):
+    """sampled_grad as a function grad(W, WP, x) of the weights and the inputs alone, returning
+    the sum over the samples, not the mean. The flags of sampled_grad become tensors here, once,
+    not at every step: a small torch operation costs microseconds, as much as the arithmetic of a
+    256-sample step.
+
+    x stacks the online inputs, online_views x n rows, on the target inputs, target_views x n
+    rows. With one online view its row i pairs with the target rows i, n + i, ...: simulate
+    passes the clean x once and x + noise, x - noise, so W x is computed once for both members
+    of an antithetic pair, whose gradients are added before the product with W_P and the ReLU
+    mask. With as many online as target views, row v n + i pairs with row v n + i.
+    The samples run along the last axis, (S, M, view, n): the sums over the M outputs then add
+    whole rows (summing an innermost axis of 2 or 10 elements is ten times slower), and W_P
+    applies as a batched (M, M) @ (M, samples) product.
+    """
+    def run_flag(v):  # (S, 1) flags -> (S, 1, 1, 1) tensors of dtype
+        return v.view(-1, 1, 1, 1).to(dtype)
+
+    # ReLU is max(h, 0) and the identity max(h, -inf): one per-run floor serves both at once
+    floor = (None if relu is False else torch.zeros(1, 1, 1, 1, dtype=dtype) if relu is True
+             else torch.where(run_flag(relu) > 0, 0.0, -torch.inf).to(dtype))
+    if isinstance(cosine, torch.Tensor):  # per-run losses: each coefficient is cosine's or 1
+        cos_w = run_flag(cosine)
+        euc_w = 1 - cos_w
+    iso = iso.view(-1, 1, 1).to(dtype)
+    # the runs without stop-gradient, whose target branch contributes too: a slice (views, not
+    # copies) when they are adjacent, as simulate orders them, else an index
+    nsg = None
+    if no_sg is not None and no_sg.any():
+        ids = no_sg.flatten().nonzero().flatten()
+        nsg = slice(int(ids[0]), int(ids[-1]) + 1) if ids[-1] - ids[0] + 1 == len(ids) else ids
+    views = [online_views, target_views]
+
+    def grad(W, WP, x):
+        S, M, N = W.shape
+        n = x.shape[0] // (online_views + target_views)
+        # in place where possible: at 2048 samples the arrays outgrow the cache, and memory
+        # traffic, not arithmetic, sets the pace
+        zt = torch.mm(W.view(S * M, N), x.T).view(S, M, -1, n)
+        if floor is not None:
+            zt = zt.clamp_(min=floor)
+        z, t = zt.split_with_sizes(views, 2)
+        if floor is not None:  # z > floor as 0/1 floats: a bool mask multiplies 3x slower
+            mask = torch.sub(z, floor).sign_()
+        p = z
+        if WP is not None:  # p = W_P z (W_P symmetric) replaces z: [p | t] stays one array
+            p = z.copy_((WP @ z.reshape(S, M, -1)).view(z.shape))
+        # dL/dp = a p - b t and dL/dt = c t - b p, with per-sample scalars: for L = -cos(p, t),
+        # a = cos / |p|^2, b = 1 / (|p| |t|), c = cos / |t|^2; for L = 1/2 ||p - t||^2,
+        # a = b = c = 1. The clamp only guards a ReLU output that is zero.
         if cosine is False:
-            d_p, d_t = d_p_euc, -d_p_euc  # (d_t is used only without stop-gradient)
-        else:  # per-run losses
-            d_p = torch.where(cosine, d_p, d_p_euc)
-            d_t = torch.where(cosine, d_t, -d_p_euc) if no_sg is not None else None
-    d_z = d_p
-    if WP is not None:  # chain rule through p = W_P z, except where IsoLoss drops W_P^T
-        d_z = iso * d_p + (1 - iso) * torch.einsum("bsm,smk->bsk", d_p, WP)
-    if floor is not None:
-        d_z = d_z * (h1 > floor)
-    G = d_z.reshape(-1, S * M).T @ x1
-    if no_sg is not None:  # without stop-gradient the target branch contributes too
-        d_t = d_t * no_sg * (h2 > floor) if floor is not None else d_t * no_sg
-        G = G + d_t.reshape(-1, S * M).T @ x2
-    return G.view(S, M, N) / x1.shape[0]
+            d_z = p - t
+        else:
+            inv_p, inv_t = (zt * zt).sum(1, keepdim=True).clamp_(min=1e-24).rsqrt_() \
+                .split_with_sizes(views, 2)
+            b = inv_p * inv_t
+            cos = (p * t).sum(1, keepdim=True).mul_(b)
+            a = cos * inv_p * inv_p
+            if cosine is not True:  # per-run losses
+                a, b = torch.addcmul(euc_w, cos_w, a), torch.addcmul(euc_w, cos_w, b)
+            d_z = (a * p).addcmul_(b, t, value=-1)
+        if online_views == 1:  # both members of each pair share z: add their gradients
+            d_z = d_z.sum(2, keepdim=True)
+        if WP is not None:  # chain rule through p = W_P z, except where IsoLoss drops W_P^T
+            Q = torch.addcmul(iso * torch.eye(M, dtype=dtype), 1 - iso, WP)
+            d_z = (Q @ d_z.view(S, M, -1)).view(z.shape)
+        if floor is not None:
+            d_z = d_z.mul_(mask)
+        # G = d_z x1 as (x1^T d_z^T)^T: MKL's faster way round at a few thousand samples
+        G = torch.mm(x[:online_views * n].T, d_z.view(S * M, -1).T).T.view(S, M, N)
+        if nsg is not None:  # without stop-gradient the target branch contributes too
+            t, p = t[nsg], p[nsg]
+            if cosine is False:
+                d_t = t - p
+            else:
+                c = cos[nsg] * inv_t[nsg] * inv_t[nsg]
+                if cosine is not True:
+                    c = torch.addcmul(euc_w[nsg], cos_w[nsg], c)
+                d_t = (c * t).addcmul_(b[nsg], p, value=-1)
+            if floor is not None:
+                d_t = d_t.mul_(torch.sub(t, floor if floor.shape[0] == 1 else floor[nsg]).sign_())
+            x2 = x[online_views * n:]
+            G[nsg] += torch.mm(x2.T, d_t.reshape(-1, x2.shape[0]).T).T.view(-1, M, N)
+        return G
+
+    return grad
 
 
-def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=False, label="",
-             one_call=False):
+def draws(samples, N, sigma, both, steps):
+    """The inputs of one step after another, stacked as grad_fn's x: the online view(s), then
+    the target views x + noise and x - noise, n = samples // 2 rows each (antithetic pairs: the
+    part of the gradient linear in the noise, zero on average and all that is left when the
+    online and target outputs agree, cancels exactly within each pair). One online view, the
+    clean x, or with noise on both views two, x + noise' and x - noise'. float32: five times
+    faster to draw than float64, and the sampling error dwarfs rounding.
+    Drawn for a few steps at once, about 256 KB, which stays in the cache (a larger chunk costs
+    more than the calls it saves), in the order x, noise, noise' of one step, then the next
+    step's: the same numbers as separate calls, step by step.
+    """
+    n = samples // 2
+    views = 4 if both else 3
+    chunk = max(1, min(steps, 2**16 // (views * n * N)))
+    sign = sigma * torch.tensor([1.0, -1.0, 1.0, -1.0] if both else [0.0, 1.0, -1.0])
+    while True:
+        r = torch.randn(chunk, 2 + both, n, N)  # x, noise, noise'
+        noise = r[:, [2, 2, 1, 1]] if both else r[:, 1:]
+        yield from torch.addcmul(r[:, :1], sign.view(1, -1, 1, 1), noise).view(chunk, -1, N)
+
+
+@torch.inference_mode()
+def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=False, label=""):
     """Gradient descent of all runs of one block at once. W0: (M, N), or (S, M, N) per run;
     relu: one bool for all runs, or one per run (linear and ReLU runs then share the samples).
-    Monte Carlo runs take one sampled_grad call per loss, or with one_call one for both losses
-    (each run computes both and keeps its own: fewer calls, twice the arithmetic, which pays
-    only with few samples, where the per-operation overhead of torch dominates).
+    The Monte Carlo runs, whatever their loss and activation, take one gradient call per step.
 
     Returns the recorded steps (T,), the eigenvalues of W W^T (T, S, M), ascending, and with
     keep_W the weights (T, S, M, N).
@@ -220,71 +287,62 @@ def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=
     S = len(names)
     relu = list(relu) if isinstance(relu, (list, tuple)) else [relu] * S
     cos_of = [parse(n)[0] for n in names]
-    # order the runs [exact | Monte Carlo Euclidean | Monte Carlo cosine] so each group is a slice
+    # order the runs [exact | Monte Carlo | Monte Carlo without stop-gradient]: slices
     mc = [not (args.exact and not relu[s] and not cos_of[s]) for s in range(S)]
-    order = sorted(range(S), key=lambda s: (mc[s], cos_of[s]))
-    names, mc = [names[s] for s in order], [mc[s] for s in order]
-    relu, cos_of = [relu[s] for s in order], [cos_of[s] for s in order]
+    order = sorted(range(S), key=lambda s: (mc[s], "no-stopgrad" in names[s]))
+    names, relu, cos_of = ([v[s] for s in order] for v in (names, relu, cos_of))
     W = W0.to(torch.float64).expand(S, *W0.shape[-2:])[order].clone()
     lrs = torch.tensor([lrs[s] for s in order], dtype=torch.float64).view(-1, 1, 1)
     f = flags(names)
-    uses_pred = f[1]
-    n_exact = mc.index(True) if any(mc) else S
-    exact = slice(0, n_exact)
+    uses_pred, any_pred = f[1], bool(f[1].any())
+    n_exact = S - sum(mc)
+    exact, sampled = slice(0, n_exact), slice(n_exact, S)
     f_exact = [v[exact] for v in f]
-
-    def per_run(values):  # one bool if all runs of a group agree, else one flag per run
-        return values[0] if len(set(values)) == 1 else torch.tensor(values).view(-1, 1)
-
-    groups = []  # Monte Carlo groups: (slice, has predictor, sampled_grad flags)
-    for losses in ((False, True),) if one_call else ((False,), (True,)):
-        idx = [s for s in range(n_exact, S) if cos_of[s] in losses]
-        if idx:
-            g = slice(idx[0], idx[-1] + 1)
-            no_sg = 1 - f[3][g].view(-1, 1).float()
-            groups.append((g, bool(uses_pred[g].any()),
-                           dict(cosine=per_run(cos_of[g]), relu=per_run(relu[g]),
-                                iso=f[2][g].view(-1, 1).float(),
-                                no_sg=no_sg if no_sg.any() else None)))
-    any_pred = bool(uses_pred.any())
     both = float(args.noise_both_views)
-    rec_steps, rec_lam, rec_W = [], [], []
+    # float32 for the Monte Carlo runs: their sampling error dwarfs rounding
+    W_ex, W_mc = W[exact], W[sampled].float()
+    lr_mc = (lrs[sampled] / (samples // 2 * 2)).float()  # grad returns the sum over the samples
+    if n_exact < S:
+        def per_run(values):  # one bool if all Monte Carlo runs agree, else one flag per run
+            values = values[sampled]
+            return values[0] if len(set(values)) == 1 else torch.tensor(values).view(-1, 1)
+
+        no_sg = 1 - f[3][sampled].view(-1, 1)
+        grad = grad_fn(per_run(cos_of), f[2][sampled], no_sg if no_sg.any() else None,
+                       per_run(relu), torch.float32, 1 + args.noise_both_views, 2)
+        mc_pred = bool(uses_pred[sampled].any())
+        inputs = draws(samples, W.shape[2], args.sigma, args.noise_both_views, steps)
+    rec_steps, rec_lam, rec_W, K = [], [], [], None
     for step in range(steps + 1):
         record = step % record_every == 0 or step == steps
         if any_pred or record:
-            finite = torch.isfinite(W).flatten(1).all(1)
-            if not finite.all():
-                bad = [n for n, ok in zip(names, finite) if not ok]
+            W = torch.cat([W_ex, W_mc.double()])
+            if not torch.isfinite(W).all():
+                bad = [n for n, ok in zip(names, torch.isfinite(W).flatten(1).all(1)) if not ok]
                 raise SystemExit(f"{label}: {bad} diverged (non-finite W) before step {step}; "
                                  f"try a smaller learning rate")
-            WP, lam = predictor(W, uses_pred, args.alpha)
-            # the exact runs' E[dL/dW] = K W; K changes only with W_P (not at all without one)
-            K = expected_grad_matrix(WP[exact], f_exact, args.sigma, both) if n_exact else None
-        if record:
-            rec_steps.append(step)
-            rec_lam.append(lam)
-            if keep_W:
-                rec_W.append(W.clone())
+            if any_pred or K is None:
+                WP, lam = predictor(W, uses_pred, args.alpha)
+                # the exact runs' E[dL/dW] = K W; K changes only with W_P (not at all without)
+                K = expected_grad_matrix(WP[exact], f_exact, args.sigma, both)
+            else:  # no predictor: only the eigenvalues, of the recorded steps
+                lam = torch.linalg.eigvalsh(W @ W.mT).clamp(min=0)
+            if record:
+                rec_steps.append(step)
+                rec_lam.append(lam)
+                if keep_W:
+                    rec_W.append(W)
         if step == steps:
             break
-        G = torch.empty_like(W)
-        if n_exact:
-            G[exact] = K @ W[exact]
-        if groups:
-            # float32 samples: five times faster to draw, and their sampling error dwarfs
-            # rounding. Antithetic noise: every x is used with +noise and -noise, so the part of
-            # the gradient linear in the noise (zero on average, and all that is left when the
-            # online and target outputs agree) cancels exactly within each pair.
-            x = torch.randn(samples // 2, W.shape[2])
-            noise = args.sigma * torch.randn_like(x)
-            x1, x2 = torch.cat([x, x]), torch.cat([x + noise, x - noise])
-            if args.noise_both_views:
-                noise = args.sigma * torch.randn_like(x)
-                x1 = torch.cat([x + noise, x - noise])
-            for g, has_pred, group_flags in groups:
-                G[g] = sampled_grad(W[g].float(), WP[g].float() if has_pred else None, x1, x2,
-                                    **group_flags)
-        W -= lrs * G
+        if n_exact and any_pred:
+            W_ex = W_ex - lrs[exact] * (K @ W_ex)
+        elif n_exact and record:  # constant K: jump to the next record, W <- (I - lr K)^k W
+            k = min(step + record_every, steps) - step
+            eye = torch.eye(K.shape[-1], dtype=K.dtype)
+            W_ex = torch.linalg.matrix_power(eye - lrs[exact] * K, k) @ W_ex
+        if n_exact < S:
+            G = grad(W_mc, WP[sampled].float() if mc_pred else None, next(inputs))
+            W_mc.addcmul_(lr_mc, G, value=-1)
     back = np.argsort(order)  # undo the grouping
     out = dict(steps=np.array(rec_steps), lam=torch.stack(rec_lam).numpy()[:, back])
     if keep_W:
@@ -295,32 +353,57 @@ def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=
 # ---------------------------------------------------------------- the theory (SPEC section 4)
 
 def mode_rates(lam, name, sigma, both, alpha):
-    """g_m: eigenvalue of the expected gradient in mode m (d lambda_m/dt = -2 eta g_m lambda_m)."""
-    cosine, has_pred, iso, stopgrad = parse(name)
-    p = lam**alpha if has_pred else np.ones_like(lam)
-    q = np.ones_like(lam) if (iso or not has_pred) else p
+    """g_m: eigenvalue of the expected gradient in mode m (d lambda_m/dt = -2 eta g_m lambda_m);
+    lam (M,) of the setting `name`, or (S, M) of a list of S settings."""
+    return rates_of(name, sigma, both, alpha)(lam)
+
+
+def rates_of(name, sigma, both, alpha):
+    """mode_rates as a function of lam alone: the flags are parsed once, not at every step."""
+    if isinstance(name, str):
+        cosine, has_pred, iso, stopgrad = np.array(parse(name))
+    else:  # one flag per run, (S, 1)
+        cosine, has_pred, iso, stopgrad = np.array([parse(n) for n in name]).T[..., None]
     a, b = 1 + both * sigma**2, 1 + sigma**2
-    if not cosine:  # exact
-        return q * (a * p - 1) + (0 if stopgrad else b - p)
-    # mean field: |p|, |t|, p.t replaced by sqrt(E|p|^2), sqrt(E|t|^2), E[p.t]; the factor a
-    # of E|p|^2 cancels in the online term, b cancels in the target term
-    pl, p2l = (p * lam).sum(), (p * p * lam).sum()
-    norm = np.sqrt(a * p2l * b * lam.sum())
-    g = -q / norm * (1 - p * pl / p2l)
-    if not stopgrad:
-        g = g - (p - pl / lam.sum()) / norm
-    return g
+    losses = set(np.ravel(cosine).tolist())
+
+    def rates(lam):
+        p = np.where(has_pred, lam**alpha, 1.0)
+        q = np.where(iso | ~has_pred, 1.0, p)
+        if False in losses:  # Euclidean: exact
+            g = q * (a * p - 1) + np.where(stopgrad, 0.0, b - p)
+        if True in losses:
+            # cosine, mean field: |p|, |t|, p.t replaced by sqrt(E|p|^2), sqrt(E|t|^2), E[p.t];
+            # the factor a of E|p|^2 cancels in the online term, b in the target term
+            tr = lam.sum(-1, keepdims=True)
+            pl, p2l = (p * lam).sum(-1, keepdims=True), (p * p * lam).sum(-1, keepdims=True)
+            norm = np.sqrt(a * p2l * b * tr)
+            g_cos = -q / norm * (1 - p * pl / p2l) - np.where(stopgrad, 0.0, (p - pl / tr) / norm)
+            g = np.where(cosine, g_cos, g) if False in losses else g_cos
+        return g
+
+    return rates
 
 
 def theory(lam0, name, lr, steps, record_steps, sigma, both, alpha):
-    """Eigenvalue trajectories of the eigenmode equations, one gradient step at a time."""
-    lam, out = np.asarray(lam0, dtype=np.float64).copy(), []
-    wanted = set(record_steps.tolist())
-    for step in range(steps + 1):
-        if step in wanted:
-            out.append(lam.copy())
-        if step < steps:
-            lam = (1 - lr * mode_rates(lam, name, sigma, both, alpha)) ** 2 * lam
+    """Eigenvalue trajectories of the eigenmode equations, one gradient step at a time: lam0 (M,)
+    of the setting `name` at learning rate lr, or (S, M) of a list of settings and of rates."""
+    lam, rates = np.array(lam0, dtype=np.float64), rates_of(name, sigma, both, alpha)
+    lr = lr if isinstance(name, str) else np.asarray(lr, dtype=np.float64)[:, None]
+    if not any(parse(n)[1] for n in ([name] if isinstance(name, str) else name)):
+        # no predictor: the rates do not depend on lambda (cosine: they are zero), so each
+        # mode is a geometric sequence; no need to step through 100,000 steps
+        factor = (1 - lr * rates(lam)) ** 2
+        return lam * factor ** np.reshape(record_steps, (-1,) + (1,) * lam.ndim).astype(float)
+    out, wanted = [], set(record_steps.tolist())
+    # a mixed block also computes cosine rates for its Euclidean runs (then discarded), which
+    # divide by zero once such a run has collapsed completely
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for step in range(steps + 1):
+            if step in wanted:
+                out.append(lam.copy())
+            if step < steps:
+                lam = (1 - lr * rates(lam)) ** 2 * lam
     return np.array(out)
 
 
@@ -358,35 +441,36 @@ def summarise(labels, sim, th):
     return rows
 
 
-def run_block(block, names, lrs, steps, relu, W0, args, samples, record_every=1, keep_W=False,
-              labels=None, sim=None):
-    """Simulate one set of runs (unless `sim` holds them already), attach the theory (linear
-    only), print a progress line."""
-    t0 = time.time()
-    if sim is None:
-        sim = simulate(W0, names, lrs, steps, relu, args, samples, record_every, keep_W,
-                       label=block)
+def analyse(names, lrs, relu, sim, args, labels=None):
+    """Attach the theory (linear runs only) to a simulation; the per-run numbers for the table."""
     th = None
-    if not relu:
-        both = float(args.noise_both_views)
-        th = np.stack([theory(sim["lam"][0, s], n, lrs[s], steps, sim["steps"], args.sigma,
-                              both, args.alpha) for s, n in enumerate(names)], axis=1)
-        sim["theory"] = th
-    rows = summarise(labels or names, sim, th)
-    dev = max((r["max_rel_deviation_from_theory"] or 0) for r in rows.values())
-    print(f"  {block:<32} {len(names)} runs x {steps:>6} steps  {time.time() - t0:5.1f} s"
-          + ("" if th is None else f"  max deviation from theory {dev:.1%}"), flush=True)
-    return sim, rows
+    if not relu:  # all runs of the block at once
+        th = sim["theory"] = theory(sim["lam"][0], names, lrs, sim["steps"][-1], sim["steps"],
+                                    args.sigma, float(args.noise_both_views), args.alpha)
+    return summarise(labels or names, sim, th)
+
+
+def timed_simulate(label, W0, names, lrs, steps, relu, args, samples, record_every=1,
+                   keep_W=False):
+    """simulate, with a progress line."""
+    t0 = time.time()
+    sim = simulate(W0, names, lrs, steps, relu, args, samples, record_every, keep_W, label)
+    print(f"  {label:<36} {len(names):>2} runs x {steps:>6} steps  {time.time() - t0:5.1f} s",
+          flush=True)
+    return sim
 
 
 # ---------------------------------------------------------------- plotting
 
 def grid_axes(title):
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), constrained_layout=True)
+    # fixed margins: constrained_layout measures every tick label, half the time of a figure
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6.5))
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.08, top=0.9, wspace=0.3, hspace=0.35)
     fig.suptitle(title)
     for i, loss in enumerate(("euclidean", "cosine")):
         for j, variant in enumerate(VARIANTS):
-            axes[i, j].set_title(f"{loss}-{variant}", fontsize=10)
+            # y given: matplotlib then skips measuring the axis below it at every draw
+            axes[i, j].set_title(f"{loss}-{variant}", fontsize=10, y=1)
     return fig, axes
 
 
@@ -403,25 +487,28 @@ def plot_trajectories(path, title, names, sim, probes, relu):
     W = torch.from_numpy(sim["W"])  # (T, S, 2, N)
     z = probes.double() @ W.mT  # (T, S, P, 2)
     z = z.relu() if relu else z
+    # three artists per panel (lines, start and end points), not three per probe
+    colors = [f"C{k % 10}" for k in range(z.shape[2])]
     for s, name in enumerate(names):
         ax = panel(axes, name)
         ax.set_axis_on()
-        for k in range(z.shape[2]):
-            line = ax.plot(z[:, s, k, 0], z[:, s, k, 1], lw=1)[0]
-            ax.plot(*z[0, s, k], "o", mfc="none", color=line.get_color(), ms=4)
-            ax.plot(*z[-1, s, k], "o", color=line.get_color(), ms=3)
+        ax.plot(z[:, s, :, 0], z[:, s, :, 1], lw=1)
+        ax.scatter(z[0, s, :, 0], z[0, s, :, 1], s=16, facecolors="none", edgecolors=colors)
+        ax.scatter(z[-1, s, :, 0], z[-1, s, :, 1], s=9, c=colors)
         ax.set_aspect("equal", "datalim")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_eigen(ax, sim, s, colors=None, label=None):
+def plot_eigen(ax, sim, s, color=None, label=None):
     steps, lam = sim["steps"], sim["lam"][:, s]
-    for m in range(lam.shape[1]):
-        c = colors or plt.cm.viridis(m / max(1, lam.shape[1] - 1))
-        ax.plot(steps, lam[:, m], color=c, lw=1.5, label=label if m == 0 else None)
-        if "theory" in sim:
-            ax.plot(steps, sim["theory"][:, s, m], "--", color="k", lw=0.8, alpha=0.7)
+    if color is None:  # one colour per mode
+        ax.set_prop_cycle(color=plt.cm.viridis(np.linspace(0, 1, lam.shape[1])))
+    lines = ax.plot(steps, lam, color=color, lw=1.5)
+    if label:
+        lines[0].set_label(label)
+    if "theory" in sim:
+        ax.plot(steps, sim["theory"][:, s], "--", color="k", lw=0.8, alpha=0.7)
     ax.set_yscale("log")
     ax.set_ylim(bottom=max(ax.get_ylim()[0], 1e-12))  # below that, collapsed modes are rounding
     ax.set_xlabel("step")
@@ -450,97 +537,102 @@ def lr_of(name, args):
     return args.lr_fast if fast else args.lr
 
 
-def long_runs(args, figs, names):
-    """The long no-predictor eigenvalue runs of Figs. 2 and 6 (figs: {fig: relu}), simulated
-    together in one block: the linear and ReLU runs share the samples of each step, which halves
-    the steps executed in Python. Returns {fig: sim of that figure's runs}."""
-    long = [n for n in names if "no-predictor" in n]
-    if not long or not figs:
-        return {}
-    t0 = time.time()
-    runs = [(fig, n) for fig in figs for n in long]
-    sim = simulate(init_weights(args.seed, 10, 15), [n for _, n in runs],
-                   [lr_of(n, args) for _, n in runs], args.no_predictor_steps,
-                   [figs[fig] for fig, _ in runs], args, args.samples_long,
-                   max(1, args.no_predictor_steps // 1000), label="+".join(figs),
-                   one_call=True)  # 256 samples: per-operation overhead dominates
-    print(f"  {'+'.join(figs) + ' no-predictor runs':<32} {len(runs)} runs x "
-          f"{args.no_predictor_steps:>6} steps  {time.time() - t0:5.1f} s  (one shared simulation)",
-          flush=True)
-    return {fig: dict(steps=sim["steps"], lam=sim["lam"][:, i * len(long):(i + 1) * len(long)])
-            for i, fig in enumerate(figs)}
-
-
-def fig2_or_6(fig, args, relu, names, long_sim=None):
-    """Trajectory grid (N = 6, M = 2) and eigenvalue grid (N = 15, M = 10) for one activation.
-    long_sim: the no-predictor eigenvalue runs, if already simulated (see long_runs)."""
-    act = "ReLU" if relu else "linear"
-    out, summary = {}, {}
-    # trajectories: every setting at lr, 1500 steps; 20 largest-norm of 5000 Gaussian inputs
+def simulate_figures(args, relu_of_fig, names):
+    """All runs of the figures (relu_of_fig: {fig: relu}), one simulation per kind of panel: the
+    trajectory panels of Figs. 2 and 6 together with Fig. 5 (N = 6, M = 2), the eigenvalue panels
+    of Figs. 2 and 6 (N = 15, M = 10), and their no-predictor runs over no_predictor_steps. The
+    runs of a simulation share the samples of each step (separate simulations of Figs. 2 and 6
+    would draw the same ones: each starts from the same seed), and a step costs one pass of
+    Python for all of them. Returns the probe inputs of the trajectory panels and
+    {fig: {kind: sim}}."""
+    grids = {fig: relu for fig, relu in relu_of_fig.items() if fig != "fig5"}
     W0 = init_weights(args.seed, 2, 6)
+    fig5_inits = (W0, 2 * W0, torch.randn(2, 6) / 2)  # W0, 2 W0, randn/2 (the next draw)
+    W0 = init_weights(args.seed, 2, 6)  # reseed: the probes follow W0, as without Fig. 5
     draws = torch.randn(5000, 6)
-    probes = draws[draws.norm(dim=1).argsort(descending=True)[:20]]
-    block = f"{fig}-trajectories"
-    sim, summary[block] = run_block(block, names, [args.lr] * len(names), args.steps, relu, W0,
-                                    args, args.samples, keep_W=True)
+    probes = draws[draws.norm(dim=1).argsort(descending=True)[:20]]  # the 20 largest-norm
+    sims = {fig: {} for fig in relu_of_fig}
+    for kind, steps, samples, every in (
+            ("trajectories", args.steps, args.samples, 1),
+            ("eigenvalues-short", args.steps, args.samples, 1),
+            ("eigenvalues-long", args.no_predictor_steps, args.samples_long,
+             max(1, args.no_predictor_steps // 1000))):
+        # runs: (figure, setting, W0, learning rate, relu), each figure's a contiguous block
+        if kind == "trajectories":
+            runs = [(fig, n, W0, args.lr, relu) for fig, relu in grids.items() for n in names]
+            if "fig5" in relu_of_fig:
+                runs += [("fig5", f"{loss}-standard", W, args.lr, relu_of_fig["fig5"])
+                         for loss in ("euclidean", "cosine") for W in fig5_inits]
+        else:
+            W0 = init_weights(args.seed, 10, 15)
+            runs = [(fig, n, W0, lr_of(n, args), relu) for fig, relu in grids.items()
+                    for n in names if ("no-predictor" in n) == kind.endswith("long")]
+        if not runs:
+            continue
+        fig_of, settings, W0s, lrs, relu = zip(*runs)
+        sim = timed_simulate(kind, torch.stack(W0s), list(settings), list(lrs), steps, list(relu),
+                             args, samples, every, keep_W=kind == "trajectories")
+        for fig in dict.fromkeys(fig_of):
+            own = [s for s, f in enumerate(fig_of) if f == fig]
+            own = slice(own[0], own[-1] + 1)
+            sims[fig][kind] = {k: v if k == "steps" else v[:, own] for k, v in sim.items()}
+    return probes, sims
+
+
+def fig2_or_6(fig, args, relu, names, probes, sims):
+    """Trajectory grid (N = 6, M = 2) and eigenvalue grid (N = 15, M = 10) for one activation,
+    from this figure's runs of simulate_figures."""
+    t0, act = time.time(), "ReLU" if relu else "linear"
+    block, sim = f"{fig}-trajectories", sims["trajectories"]
+    summary = {block: analyse(names, [args.lr] * len(names), relu, sim, args)}
     np.savez(os.path.join(args.out_dir, f"{block}.npz"), names=names, probes=probes.numpy(), **sim)
     if args.plots:
         plot_trajectories(os.path.join(args.out_dir, f"{fig}_trajectories.png"),
                           f"{fig}: outputs of 20 probe inputs ({act}, N=6, M=2)", names, sim,
                           probes, relu)
-    # eigenvalues: N = 15, M = 10; the no-predictor runs are long and run as a second batch
-    W0 = init_weights(args.seed, 10, 15)
+    # eigenvalues: the short runs and the long no-predictor runs, two simulations
     block = f"{fig}-eigenvalues"
-    sims, summary[block] = {}, {}
-    short = [n for n in names if "no-predictor" not in n]
-    long = [n for n in names if "no-predictor" in n]
-
-    for group, steps, samples, every in ((short, args.steps, args.samples, 1),
-                                         (long, args.no_predictor_steps, args.samples_long,
-                                          max(1, args.no_predictor_steps // 1000))):
+    summary[block], panels = {}, {}
+    for tag in ("short", "long"):
+        group = [n for n in names if ("no-predictor" in n) == (tag == "long")]
         if not group:
             continue
-        sim, rows = run_block(block + (", no-predictor" if group is long else ""), group,
-                              [lr_of(n, args) for n in group], steps, relu, W0, args, samples,
-                              every, sim=long_sim if group is long else None)
-        summary[block].update(rows)
-        sims.update({n: (sim, s) for s, n in enumerate(group)})
-        tag = "long" if group is long else "short"
+        sim = sims[f"eigenvalues-{tag}"]
+        summary[block].update(analyse(group, [lr_of(n, args) for n in group], relu, sim, args))
+        panels.update({n: (sim, s) for s, n in enumerate(group)})
         np.savez(os.path.join(args.out_dir, f"{block}-{tag}.npz"), names=group, **sim)
     if args.plots:
         plot_eigen_grid(os.path.join(args.out_dir, f"{fig}_eigenvalues.png"),
                         f"{fig}: eigenvalues of W W$^T$ ({act}, N=15, M=10; dashed: "
-                        f"{'theory' if not relu else 'no theory for ReLU'})", names, sims)
+                        f"{'theory' if not relu else 'no theory for ReLU'})", names, panels)
+    print(f"  {'theory, .npz files, figures':<52} {time.time() - t0:5.1f} s", flush=True)
     return summary
 
 
-def fig5(args, relu):
-    """Euclidean vs cosine (standard) from three initialisations, N = 6, M = 2."""
-    W0 = init_weights(args.seed, 2, 6)
-    inits = {"W0": W0, "2 W0": 2 * W0, "randn/2": torch.randn(2, 6) / 2}
-    names, W0s, lrs, labels = [], [], [], []
-    for loss in ("euclidean", "cosine"):
-        for label, W in inits.items():
-            names.append(f"{loss}-standard")
-            W0s.append(W)
-            lrs.append(args.lr)
-            labels.append(f"{loss}-standard, init {label}")
-    sim, rows = run_block("fig5", names, lrs, args.steps, relu, torch.stack(W0s), args,
-                          args.samples, labels=labels)
-    summary = {"fig5": rows}
+def fig5(args, relu, sim):
+    """Euclidean vs cosine (standard) from three initialisations, N = 6, M = 2, from the runs of
+    simulate_figures."""
+    labels = [f"{loss}-standard, init {init}" for loss in ("euclidean", "cosine")
+              for init in ("W0", "2 W0", "randn/2")]
+    names, lrs = [label.split(",")[0] for label in labels], [args.lr] * len(labels)
+    sim = {k: v for k, v in sim.items() if k != "W"}
+    t0 = time.time()
+    summary = {"fig5": analyse(names, lrs, relu, sim, args, labels)}
     np.savez(os.path.join(args.out_dir, "fig5.npz"), names=labels, **sim)
     if args.plots:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.85, wspace=0.25)
         fig.suptitle(f"fig5: three initialisations ({'ReLU' if relu else 'linear'}, N=6, M=2; "
                      "dashed: theory)")
         for s, label in enumerate(labels):
             ax = axes[0 if label.startswith("euclidean") else 1]
-            plot_eigen(ax, sim, s, colors=f"C{s % 3}", label=label.split(", ")[1])
+            plot_eigen(ax, sim, s, color=f"C{s % 3}", label=label.split(", ")[1])
         for ax, title in zip(axes, ("euclidean-standard", "cosine-standard")):
-            ax.set_title(title)
+            ax.set_title(title, y=1)
             ax.legend()
         fig.savefig(os.path.join(args.out_dir, "fig5.png"), dpi=100)
         plt.close(fig)
+    print(f"  {'theory, .npz file, figure':<52} {time.time() - t0:5.1f} s", flush=True)
     return summary
 
 
@@ -570,11 +662,12 @@ def main(args):
     names = [n for n in SETTINGS if n in args.settings]
     summary = {}
     relu_of_fig = {fig: (fig == "fig6") if relu_of is None else relu_of for fig in args.figures}
-    long_sims = long_runs(args, {f: r for f, r in relu_of_fig.items() if f != "fig5"}, names)
+    print("simulations, each of all figures' runs of one kind", flush=True)
+    probes, sims = simulate_figures(args, relu_of_fig, names)
     for fig, relu in relu_of_fig.items():
         print(f"{fig} ({'ReLU' if relu else 'linear'})", flush=True)
-        summary.update(fig5(args, relu) if fig == "fig5"
-                       else fig2_or_6(fig, args, relu, names, long_sims.get(fig)))
+        summary.update(fig5(args, relu, sims[fig]["trajectories"]) if fig == "fig5"
+                       else fig2_or_6(fig, args, relu, names, probes, sims[fig]))
     with open(os.path.join(args.out_dir, "summary.json"), "w") as fh:
         json.dump(dict(args=vars(args), results=summary), fh, indent=1)
     print_table(summary)

@@ -232,7 +232,9 @@ def test_cosine_outcomes_at_the_papers_settings():
     # collapse onto two modes near 4, trace conserved up to the drift of finite steps
     assert (nsg[-1, :8] < 1e-10).all()
     np.testing.assert_allclose(nsg[-1, 8:], 4.0, rtol=0.05)
-    np.testing.assert_allclose(trace[-1, 2], 7.882, rtol=0.015)
+    # the flow conserves 7.882; 1,500 finite steps at lr 0.1 add about 1.5% (7.985-7.996 over sample
+    # streams), which put the old centre 7.882 at the edge of its own tolerance
+    np.testing.assert_allclose(trace[-1, 2], 7.99, rtol=0.015)
 
 
 def test_cosine_no_predictor_drifts_towards_isotropy():
@@ -285,3 +287,62 @@ def test_script_writes_figures_npz_and_summary(tmp_path):
     assert row["max_rel_deviation_from_theory"] < 1e-9
     assert summary["fig6-eigenvalues"]["cosine-standard"]["max_rel_deviation_from_theory"] is None
     assert "fig5" in summary and "vs theory" in res.stdout
+
+
+# ---------------------------------------------------------------- the fast paths of simulate
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_antithetic_views_give_the_gradient_of_the_stacked_samples(both):
+    """grad_fn on [x; x + n; x - n] (one online view shared by each pair, as simulate passes
+    them) equals sampled_grad on x1 = [x; x], x2 = [x + n; x - n], every setting, linear and
+    ReLU in one call."""
+    torch.manual_seed(6)
+    names = EUC + COS
+    W = torch.randn(16, 10, 15, dtype=torch.float64) / 4
+    f = tl.flags(names * 2)
+    WP, _ = tl.predictor(W, f[1], 1.0)
+    cosine = torch.tensor([tl.parse(n)[0] for n in names] * 2).view(-1, 1)
+    relu = torch.tensor([False] * 8 + [True] * 8).view(-1, 1)
+    x, n1, n2 = torch.randn(3, 32, 15, dtype=torch.float64)
+    n1, n2 = (0.1 * n1 if both else 0 * n1), 0.1 * n2
+    x1, x2 = torch.cat([x + n1, x - n1]), torch.cat([x + n2, x - n2])
+    ref = tl.sampled_grad(W, WP, x1, x2, cosine, f[2].view(-1, 1), 1 - f[3].view(-1, 1), relu)
+    stacked = torch.cat([x1, x2]) if both else torch.cat([x, x2])
+    grad = tl.grad_fn(cosine, f[2].view(-1, 1), 1 - f[3].view(-1, 1), relu, torch.float64,
+                      1 + both, 2)
+    torch.testing.assert_close(grad(W, WP, stacked) / 64, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_draws_are_the_numbers_of_one_randn_call_per_step():
+    """Drawn a chunk at a time, in the order x, noise of one step after another."""
+    torch.manual_seed(7)
+    inputs = tl.draws(256, 15, 0.1, False, 100)
+    got = [next(inputs) for _ in range(30)]
+    torch.manual_seed(7)
+    for x1x2 in got:
+        x, noise = torch.randn(128, 15), 0.1 * torch.randn(128, 15)
+        torch.testing.assert_close(x1x2, torch.cat([x, x + noise, x - noise]), rtol=0, atol=1e-6)
+
+
+def test_theory_of_a_block_is_the_theory_of_each_run():
+    lam0 = np.stack([np.linspace(0.02, 2.2, 10) * (1 + 0.1 * s) for s in range(8)])
+    lrs = [0.01, 0.02, 0.1, 0.01, 0.1, 0.1, 0.05, 0.1]
+    steps = np.arange(0, 301, 10)
+    for both in (0.0, 1.0):
+        block = tl.theory(lam0, list(tl.SETTINGS), lrs, 300, steps, 0.1, both, 1.0)
+        for s, name in enumerate(tl.SETTINGS):
+            one = tl.theory(lam0[s], name, lrs[s], 300, steps, 0.1, both, 1.0)
+            np.testing.assert_allclose(block[:, s], one, rtol=1e-12, err_msg=name)
+
+
+def test_exact_runs_without_predictor_jump_between_records():
+    """Without a predictor K is constant and the exact runs jump (I - lr K)^k between records;
+    with noise on both views they shrink, and the jump must follow the step-by-step run."""
+    names = ["euclidean-no-predictor"]
+    every = run(names, [0.1], steps=1000, noise_both_views=True)
+    torch.manual_seed(0)
+    jumps = tl.simulate(tl.init_weights(2, 10, 15), names, [0.1], 1000, False,
+                        args(noise_both_views=True), 1024, record_every=100)
+    np.testing.assert_allclose(jumps["lam"], every["lam"][::100], rtol=1e-12)
+    assert every["lam"][-1, 0, -1] < every["lam"][0, 0, -1]

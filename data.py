@@ -42,8 +42,9 @@ class DataError(RuntimeError):
 
 
 def eval_transform(dataset: str, crop: int):
-    """Test-time view: native-size data sets as they are; imagefolder resized and centre-cropped."""
-    resize = [T.Resize(round(crop * 8 / 7)), T.CenterCrop(crop)] if dataset == "imagefolder" else []
+    """Test-time view: at a data set's own image size as it is, else (imagefolder, another crop) resized and centre-cropped."""
+    same = crop == CROP_SIZE.get(dataset) and dataset != "imagefolder"
+    resize = [] if same else [T.Resize(round(crop * 8 / 7)), T.CenterCrop(crop)]
     return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
@@ -81,9 +82,7 @@ def load_dataset(name: str, root: str | Path, split: str, transform=None, downlo
     if split not in ("pretrain", "train", "test"):
         raise ValueError(f"unknown split {split!r}")
     root = Path(root)
-    if name == "digits":
-        if download:
-            raise DataError("digits ships with scikit-learn: nothing to download (drop --download)")
+    if name == "digits":  # ships with scikit-learn: nothing to download
         return Digits(split, transform)
     if name in _OFFICIAL:
         folder, archive = _OFFICIAL[name]
@@ -244,11 +243,12 @@ class EpochBatches:
             yield [(self.epoch, i) for i in order[lo: lo + per_rank].tolist()]
 
 
-def loader(dataset, num_workers: int, cuda: bool, **kw):
-    """A DataLoader whose workers (if any) live across epochs. Its own generator keeps it from drawing
-    its worker base seed from the global one; no augmentation depends on that seed (see TwoViews)."""
+def loader(dataset, num_workers: int, cuda: bool, persistent: bool = False, **kw):
+    """A DataLoader; with `persistent` its workers (if any) live across epochs (rundir.finish stops them).
+    Its own generator keeps it from drawing its worker base seed from the global one; no augmentation
+    depends on that seed (see TwoViews)."""
     return torch.utils.data.DataLoader(dataset, num_workers=num_workers, pin_memory=cuda,
-                                       persistent_workers=num_workers > 0,
+                                       persistent_workers=persistent and num_workers > 0,
                                        generator=torch.Generator().manual_seed(0), **kw)
 
 

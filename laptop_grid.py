@@ -138,7 +138,7 @@ def references(args: Args) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)  # as train_*.py does before building the Learner, whose backbone comes first
         C.atomic_save(C.resnet18(preset.width, crop <= 64).state_dict(), path)
-        out[seed] = L.main(L.Args(checkpoint=str(path), dataset="digits", num_workers=0, crop=None))
+        out[seed] = L.main(L.Args(checkpoint=str(path), dataset="digits", num_workers=0, crop=crop))
     view = D.eval_transform("digits", crop)
     (x, y), (xt, yt) = ((torch.stack([view(im) for im, _ in ds]).flatten(1), torch.tensor(ds.targets))
                         for ds in (D.load_dataset("digits", "", split) for split in ("train", "test")))

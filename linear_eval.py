@@ -89,7 +89,7 @@ class Args:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """autocast dtype of the backbone on CUDA (features are stored in float32; CPU always float32)"""
     crop: int | None = None
-    """imagefolder only: resize and centre-crop size (None: 64); the other data sets are read at native size"""
+    """resize and centre-crop size (None: the crop the backbone was trained at, from backbone.json beside the checkpoint, else the data set's native size)"""
 
     classifier: Literal["lbfgs", "sgd"] = "lbfgs"
     """lbfgs: full-batch L-BFGS on the cached features; sgd: minibatch SGD (momentum 0.9, cosine lr)"""
@@ -475,8 +475,6 @@ def main(args: Args) -> dict:
 
 def evaluate(args: Args) -> dict:
     t_start = time.perf_counter()
-    if args.crop is not None and args.dataset != "imagefolder":
-        die(f"--crop applies to imagefolder only; {args.dataset} is read at its native size {CROP_SIZE[args.dataset]}")
     for bad, message in (
         (args.augment and args.classifier != "sgd", "--augment trains by minibatch SGD through the backbone: add --classifier sgd"),
         (not 0 < args.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {args.val_fraction}"),
@@ -493,7 +491,10 @@ def evaluate(args: Args) -> dict:
     torch.backends.cudnn.benchmark = False
     checkpoint = Path(args.checkpoint)
     out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent
-    crop = args.crop or CROP_SIZE[args.dataset]
+    trained = checkpoint.parent / "backbone.json"  # what the training scripts write beside backbone.pt and last.pt
+    crop = args.crop or (json.loads(trained.read_text()).get("crop") if trained.is_file() else None) or CROP_SIZE[args.dataset]
+    if args.dataset != "imagefolder" and crop > CROP_SIZE[args.dataset]:
+        die(f"--crop {crop} is larger than the {CROP_SIZE[args.dataset]}x{CROP_SIZE[args.dataset]} images of {args.dataset}")
 
     # Everything that can fail on bad input fails here, before anything is written.
     try:

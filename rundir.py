@@ -104,6 +104,20 @@ def export_backbone(backbone: nn.Module, out: Path, **meta) -> None:
     """backbone.pt: a plain state_dict (torchvision names, no fc); backbone.json says how to build it."""
     C.atomic_save({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pt")
     C.atomic_write_text(out / "backbone.json", json.dumps(dict(arch="resnet18", **meta), indent=1) + "\n")
+    print(f"done: {out / 'backbone.pt'} (plain torchvision ResNet-18 state_dict), metrics in {out / 'metrics.jsonl'}")
+
+
+def finish(*loaders) -> None:
+    """The end of a run: stop the worker processes of persistent loaders now (left to the garbage
+    collector, which may find them only late, each one waits out a 5 s timeout before it exits);
+    under torchrun, wait for every rank and leave the process group."""
+    for loader in loaders:
+        if getattr(loader, "_iterator", None) is not None:  # torch keeps a persistent loader's iterator here
+            loader._iterator._shutdown_workers()
+            loader._iterator = None
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # --- Faults -----------------------------------------------------------------------------------
@@ -225,18 +239,19 @@ def plot(out: Path, records: list[dict]) -> None:
         rs = [r for r in records if r.get(key) is not None]
         return [r["epoch"] for r in rs], [r[key] for r in rs]
     last = {k: v for r in records for k, v in r.items() if v is not None}  # the latest value of every key
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    # Fixed margins instead of tight_layout, which measures every text and took most of a run's plotting time.
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(left=0.05, right=0.99, bottom=0.12, top=0.85, wspace=0.25))
     for ax, key, title in zip(axes, ("eigenvalues", "cov_z_eigenvalues", "cov_f_eigenvalues"), (
             f"C = running E[z z^T], uncentred (the predictor's)\nparticipation ratio {last['participation_ratio']:.1f}",
             f"covariance of z, centred (test split, eval mode)\neffective rank {last.get('erank_z', math.nan):.1f}",
             f"covariance of backbone features, centred (test, eval)\neffective rank {last.get('erank_f', math.nan):.1f}")):
         epochs, values = series(key)
         if values:
-            ax.plot(epochs, torch.tensor(values).clamp_min(1e-12).flip(1).numpy(), color="tab:blue", lw=0.6)
-        ax.set(yscale="log", xlabel="epoch", ylabel="eigenvalue", title=title)
-    fig.tight_layout()
-    fig.savefig(out / "eigenvalues.png", dpi=110)
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+            ax.plot(epochs, torch.tensor(values).clamp_min(1e-12).flip(1).numpy(), ".-", color="tab:blue", lw=0.6, ms=2)
+        ax.set(yscale="log", xlabel="epoch", ylabel="eigenvalue")
+        ax.set_title(title, fontsize=10)
+    fig.savefig(out / "eigenvalues.png", dpi=100)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), gridspec_kw=dict(left=0.04, right=0.99, bottom=0.12, top=0.9, wspace=0.25))
     for ax, keys, ylabel, title in zip(
             axes, (("online_readout_top1", "knn_top1"), ("erank_z", "erank_f"), ("std_normalized_z",), ("mean_share_z",)),
             ("accuracy (%)", "effective rank (RankMe)", "std of z/|z|", "|E z|^2 / E|z|^2"),
@@ -245,10 +260,12 @@ def plot(out: Path, records: list[dict]) -> None:
         for key in keys:
             if series(key)[0]:
                 ax.plot(*series(key), "o-", label=key)
-        ax.set(xlabel="epoch", ylabel=ylabel, title=title, ylim=(0, None))
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.set_title(title, fontsize=10)
     axes[2].axhline(1 / math.sqrt(len(last["eigenvalues"])), color="gray", ls="--", label="healthy 1/sqrt(d)")
     for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "online_readout.png", dpi=110)
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.savefig(out / "online_readout.png", dpi=100)
     plt.close("all")

@@ -330,9 +330,9 @@ def train(args: Args) -> Learner:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.amp == "auto" and cuda else args.amp)
 
     # Data first: a missing data set is one line, before anything is written.
-    crop, native = args.crop or D.CROP_SIZE[args.dataset], D.CROP_SIZE[args.dataset]
+    crop = args.crop or D.CROP_SIZE[args.dataset]
     blur = args.blur or ((1.0, 0.1) if args.dataset in ("stl10", "imagefolder") else (0.0, 0.0))
-    test_view = D.eval_transform(args.dataset if crop == native else "imagefolder", crop)
+    test_view = D.eval_transform(args.dataset, crop)
     if not main_rank:
         dist.barrier()  # rank 0 downloads (if asked) before the others look
     try:
@@ -382,14 +382,13 @@ def train(args: Args) -> Learner:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     model = torch.compile(model) if args.compile else model
 
-    # The loaders are made once: their worker processes (if any) live across epochs.
+    # The loaders are made once; the training loader's worker processes (if any) live across epochs.
     specs = D.view_specs(crop, blur, args.min_scale)
     batches = D.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
+    train_loader = None if args.augment_on == "device" else D.loader(
+        D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), args.num_workers, cuda, True, batch_sampler=batches)
     if args.augment_on == "device":
         images, labels = (t.to(device) for t in D.images_as_tensor(base))
-    else:
-        train_loader = D.loader(D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), args.num_workers, cuda,
-                                batch_sampler=batches)
     bank = torch.randperm(len(bank_set or ()), generator=torch.Generator().manual_seed(0))[:10_000].sort().values
     test_loader, bank_loader = (None if ds is None else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
                                 args.num_workers, cuda, batch_size=max(2, args.batch_size // world))
@@ -470,10 +469,7 @@ def train(args: Args) -> Learner:
     if main_rank:
         R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem, out_dim=learner.backbone.out_dim,
                           dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD, step=step, name=args.name)
-        say(f"done: {out / 'backbone.pt'} (plain torchvision ResNet-18 state_dict), metrics in {out / 'metrics.jsonl'}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    R.finish(train_loader)
     return learner
 
 

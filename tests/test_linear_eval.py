@@ -226,7 +226,7 @@ def test_cli_bad_checkpoint_and_missing_data_exit_with_one_line(data, tmp_path):
 
 def test_bad_option_combinations_exit_with_one_line(data, tmp_path, capsys):
     ckpt = save_backbone(tmp_path)
-    for kw in (dict(augment=True), dict(crop=28)):
+    for kw in (dict(augment=True), dict(crop=40)):  # 40: larger than CIFAR's 32 x 32 images
         with pytest.raises(SystemExit) as e:
             L.main(fast_args(ckpt, data, **kw))
         assert e.value.code == 2

@@ -1,11 +1,14 @@
 """Measured speed, side by side: our code against the straightforward way of doing the same work.
 
-    python bench.py                                  # every section, under 5 minutes on 2 CPU cores
-    python bench.py --sections predictor data        # some of them
+    python bench.py                                  # every section: under 5 minutes on any 2-core CPU
+    python bench.py --quick                          # about a minute: fewer repetitions and configurations
+    python bench.py --sections predictor overhead    # some of them
 
-Absolute times on a shared machine are noise; ratios taken in one run are not. Each section
-times ours and a baseline in the same process (the toy suite in a subprocess, as a user runs it)
-and prints a Markdown table; bench.json in --out-dir holds every number.
+It starts with the CPU line (model, cores, AVX2 / AVX-512 / AMX, native bf16): a time measured on
+one machine is not a time on another, and the ratios taken in one run are what carries over. Each
+section times ours and a baseline in the same process (the toy suite and the laptop run in a
+subprocess, as a user runs them), each configuration for a bounded number of steps, and prints a
+Markdown table; bench.json in --out-dir holds every number.
 
   toy        the full default `python toy_linear.py` vs the notebook-style update (50,000 fresh
              samples per step, a general eigendecomposition of W W^T per step, autograd, one
@@ -15,11 +18,18 @@ and prints a Markdown table; bench.json in --out-dir holds every number.
              vs a general eigendecomposition per view (d = 256, batch 256), and its share of a
              full training step (ResNet-18, batch 256, 32 x 32, from the `step` section).
   step       training-step throughput of train_byol.py's model (BYOL preset, ResNet-18 width 1,
-             32 x 32) at batch 64 and 256, fp32 / bf16 autocast, with and without channels_last.
+             32 x 32): batch 64 in fp32 and bf16 autocast, with and without channels_last; batch
+             256 (tens of seconds a step on a small CPU) with channels_last only.
+             bf16 runs only where the CPU has it natively (AVX-512 BF16 or AMX) or on a GPU:
+             elsewhere it is emulated, many times slower than fp32, and the table says skipped.
   data       the two-view augmentation: images/s per data-loader worker (PIL path) and of the
              batched device path on this CPU, and the workers a GPU run would need.
+  overhead   the README's laptop command (`train_simsiam.py cpu-demo`, fewer epochs): the share of an
+             epoch spent outside its training loop (evaluation, metrics, figures, checkpoint) and
+             the share that is not training steps at all (also the augmentation of the views),
+             from its metrics.jsonl and the time of its training step alone, measured here.
   lineval    offline linear evaluation with cached features vs the frozen backbone re-run every
-             epoch, extrapolated from 1 and 3 measured epochs to the default 100.
+             epoch, extrapolated from the measured epochs to the default 100.
   memory     peak RSS of a process that runs training steps at batch 64 (fp32, the BYOL preset).
 """
 
@@ -27,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,29 +48,38 @@ from typing import Literal
 import torch
 
 REPO = Path(__file__).resolve().parent
-Section = Literal["toy", "predictor", "step", "data", "lineval", "memory"]
+Section = Literal["toy", "predictor", "step", "data", "overhead", "lineval", "memory"]
 
 
 @dataclass
 class Args:
-    sections: tuple[Section, ...] = ("toy", "predictor", "step", "data", "lineval", "memory")
+    sections: tuple[Section, ...] = ("toy", "predictor", "step", "data", "overhead", "lineval", "memory")
     """which measurements to run"""
     out_dir: str = "runs/bench"
     """where bench.json goes"""
     repeats: int = 3
     """timed repetitions of the short measurements (the median is reported)"""
+    quick: bool = False
+    """about a minute: no toy suite and no memory section, one repetition, batch 64 only, shorter runs"""
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds of fn() over `repeats` calls after `warmup` untimed ones."""
+def timed(fn, repeats: int = 3, warmup: int = 1, budget_s: float = 30.0) -> float:
+    """Median seconds of fn() over up to `repeats` calls after `warmup` untimed ones; stops early once
+    `budget_s` seconds have been spent timing (at least one call is always timed)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
+    times, start = [], time.perf_counter()
+    while len(times) < max(1, repeats) and (not times or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def native_bf16() -> bool:
+    """bf16 autocast runs natively: a GPU, or a CPU with AVX-512 BF16 or AMX."""
+    import common as C
+    return torch.cuda.is_available() or bool(C.cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def table(rows: list[tuple], header: tuple) -> str:
@@ -201,30 +219,60 @@ def make_step(batch: int, channels_last: bool, bf16: bool):
 
 
 def bench_step(args: Args) -> dict:
+    """Batch 64 in every configuration; batch 256 (tens of seconds a step on a small CPU) in the
+    fastest layout only, fp32 channels_last, and bf16 where it is native."""
     results, rows = {}, []
-    for batch in (64, 256):
-        for bf16 in (False, True):
-            for cl in (False, True):
-                t = timed(make_step(batch, cl, bf16), repeats=1 if batch == 256 else 2)
-                key = f"b{batch}-{'bf16' if bf16 else 'fp32'}-{'cl' if cl else 'nchw'}"
-                results[key] = dict(step_s=t, images_per_s=batch / t)
-                rows.append((batch, "bf16" if bf16 else "fp32", "yes" if cl else "no", f"{t:.2f}", f"{batch / t:.1f}"))
+    configs = [(64, bf16, cl) for bf16 in (False, True) for cl in (False, True)]
+    configs += [] if args.quick else [(256, False, True), (256, True, True)]
+    for batch, bf16, cl in configs:
+        key = f"b{batch}-{'bf16' if bf16 else 'fp32'}-{'cl' if cl else 'nchw'}"
+        if bf16 and not native_bf16():
+            results[key] = dict(skipped="no native bf16 on this CPU: emulated, many times slower than fp32")
+            rows.append((batch, "bf16", "yes" if cl else "no", "skipped", "no native bf16 (emulated)"))
+            continue
+        t = timed(make_step(batch, cl, bf16), repeats=1 if batch == 256 or args.quick else 2, budget_s=20)
+        results[key] = dict(step_s=t, images_per_s=batch / t)
+        rows.append((batch, "bf16" if bf16 else "fp32", "yes" if cl else "no", f"{t:.2f}", f"{batch / t:.1f}"))
     print(table(rows, ("batch", "autocast", "channels_last", "s/step", "images/s (pairs)")))
     return results
 
 
-def bench_memory(args: Args) -> dict:
-    # VmHWM (peak resident set) of a fresh process; ru_maxrss would count the parent's pages too.
-    code = ("import bench, torch\n"
-            "kb = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key)))\n"
-            "base = kb('VmRSS:'); s = bench.make_step(64, False, False); [s() for _ in range(3)]\n"
-            "print(base, kb('VmHWM:'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    base_kb, peak_kb = map(int, out.split()[-2:])
-    rows = [("training step, batch 64, fp32 (BYOL preset, width 1)", f"{peak_kb / 1024:.0f} MiB",
-             f"{(peak_kb - base_kb) / 1024:.0f} MiB")]
-    print(table(rows, ("peak RSS", "process", "above `import torch`")))
-    return dict(peak_rss_mib=peak_kb / 1024, above_import_mib=(peak_kb - base_kb) / 1024)
+def bench_overhead(args: Args) -> dict:
+    """The README's laptop command with fewer epochs: the wall time of an epoch (between consecutive
+    metrics lines, so it holds the evaluation, metrics, figures and checkpoint of each), its loop
+    (the steps and the augmentation of their views), and the training steps alone (the same model,
+    batch and threads, timed here on random views)."""
+    import train_simsiam as S
+    preset = S.PRESETS["cpu-demo"][1]
+    epochs = 3 if args.quick else 8
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "train_simsiam.py", "cpu-demo", "--epochs", str(epochs), "--out-dir", tmp],
+                           cwd=REPO, capture_output=True, text=True)
+        process_s = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"train_simsiam.py cpu-demo failed:\n{r.stderr}")
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    args_run = replace(preset, epochs=epochs)
+    learner = S.Learner(args_run, 10, small_stem=True)
+    opt = S.make_optimizer(args_run, [*learner.online_parameters(), *learner.predictor.parameters()])
+    ropt = torch.optim.SGD(learner.readout.parameters(), lr=0.1, momentum=0.9)
+    x1, x2 = (torch.randn(preset.batch_size, 3, preset.crop, preset.crop) for _ in range(2))
+    y = torch.randint(0, 10, (preset.batch_size,))
+    scaler, autocast = torch.amp.GradScaler("cpu", enabled=False), (lambda: torch.autocast("cpu", enabled=False))
+    step_s = timed(lambda: S.train_step(learner, learner, opt, ropt, scaler, x1, x2, y, autocast), repeats=20, budget_s=10)
+    steps = records[0]["step"]
+    later = records[1:]  # the first epoch also warms the kernels up and draws the first figures
+    epoch_s = (later[-1]["wall_time_s"] - records[0]["wall_time_s"]) / len(later)
+    loop_s = sum(r["train_s"] for r in later) / len(later)
+    outside, not_steps = 1 - loop_s / epoch_s, 1 - steps * step_s / epoch_s
+    rows = [(f"`train_simsiam.py cpu-demo --epochs {epochs}`", f"{epoch_s:.2f} s", f"{loop_s:.2f} s",
+             f"{steps} x {1e3 * step_s:.0f} ms", f"{100 * outside:.1f}%", f"{100 * not_steps:.1f}%", f"{process_s:.0f} s")]
+    print(table(rows, ("laptop run (epochs after the first)", "epoch", "its loop", "training steps alone",
+                       "outside the loop (evaluation, figures, checkpoint)", "not training steps (also augmentation)",
+                       "whole process")))
+    return dict(epochs=epochs, epoch_s=epoch_s, loop_s=loop_s, step_s=step_s, steps_per_epoch=steps,
+                outside_loop_share=outside, non_step_share=not_steps, process_s=process_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +300,8 @@ def bench_data(args: Args, step: dict | None) -> dict:
     rows = [("PIL path, one loader worker (one core)", f"{pil:.0f}", f"{math.ceil(gpu_rate / pil)} workers"),
             ("batched device path, on this CPU (2 threads)", f"{device:.0f}", "runs on the GPU itself")]
     if step:
-        best = max(v["images_per_s"] for k, v in step.items() if k.startswith("b256"))
-        rows.append(("model step on this CPU (batch 256, best config)", f"{best:.0f}", "the model limits here"))
+        best = max(v["images_per_s"] for v in step.values() if "images_per_s" in v)
+        rows.append(("model step on this CPU (best configuration)", f"{best:.0f}", "the model limits here"))
     print(table(rows, ("two-view augmentation, 32 x 32", "images/s", f"to feed {gpu_rate} images/s")))
     return dict(pil_per_worker=pil, device_path_cpu=device, workers_for_gpu=math.ceil(gpu_rate / pil))
 
@@ -272,7 +320,7 @@ def bench_lineval(args: Args) -> dict:
     torch.manual_seed(0)
     backbone = L.freeze(C.resnet18(1.0, small_stem=True))
     lin = L.Args(checkpoint="", classifier="sgd", num_workers=0)
-    E, k, lr, wd = lin.epochs, 2, lin.lrs[0], lin.wds[0]
+    E, k, lr, wd = lin.epochs, 1 if args.quick else 2, lin.lrs[0], lin.wds[0]
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(tmp, n_train_per_class=50, n_test_per_class=1)
         train = D.load_dataset("cifar10", tmp, "train", D.eval_transform("cifar10", 32))
@@ -300,27 +348,35 @@ def bench_lineval(args: Args) -> dict:
 
 
 def main(args: Args) -> dict:
+    import common as C
     sys.path.insert(0, str(REPO))
-    print(f"bench.py: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
-          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n", flush=True)
+    sections = [s for s in args.sections if not (args.quick and s in ("toy", "memory"))]
+    args = replace(args, repeats=1 if args.quick else args.repeats)
+    cpu = C.cpu_info()[0]
+    print(f"bench.py on {cpu} (torch kernels: {torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+          f"{', quick' if args.quick else ''}\n", flush=True)
     results, t0 = {}, time.perf_counter()
-    for name in ("toy", "step", "predictor", "data", "lineval", "memory"):  # step first: predictor and data use it
-        if name not in args.sections:
+    for name in ("toy", "step", "predictor", "data", "overhead", "lineval", "memory"):  # step first: predictor, data use it
+        if name not in sections:
             continue
         print(f"## {name}", flush=True)
+        t_section = time.perf_counter()
         if name == "predictor":
-            step = results.get("step", {}).get("b256-fp32-nchw", {}).get("step_s")
+            step = results.get("step", {}).get("b256-fp32-cl", {}).get("step_s")
             results[name] = bench_predictor(args, step)
         elif name == "data":
             results[name] = bench_data(args, results.get("step"))
         else:
             results[name] = globals()[f"bench_{name}"](args)
-        print(flush=True)
+        print(f"({name}: {time.perf_counter() - t_section:.0f} s)\n", flush=True)
     results["seconds"] = time.perf_counter() - t0
-    results["machine"] = dict(torch=torch.__version__, cpus=os.cpu_count(), python=sys.version.split()[0])
+    results["machine"] = dict(cpu=cpu, kernels=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(),
+                              torch=torch.__version__, threads=torch.get_num_threads(), python=sys.version.split()[0],
+                              gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, quick=args.quick)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"bench.py took {results['seconds']:.0f} s; numbers in {Path(args.out_dir) / 'bench.json'}")
+    print(f"bench.py took {results['seconds']:.0f} s on {cpu}; numbers in {Path(args.out_dir) / 'bench.json'}")
     return results
 
 

@@ -298,13 +298,10 @@ def _shift_hue(x, shift):
     h = torch.where(v == r, bc - gc, torch.where(v == g, 2 + rc - bc, 4 + gc - rc))
     h = torch.where(delta > 0, (h / 6) % 1, torch.zeros_like(h))
     s = torch.where(v > 0, delta / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
-    h = (h + shift[:, None, None]) % 1
-    i = torch.floor(h * 6)
-    f = h * 6 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)
-    return table.gather(1, i[:, None, None].expand(-1, 1, 3, *i.shape[1:])).squeeze(1)
+    # HSV -> RGB in closed form, all three channels at once: c = v - v s clamp(min(k, 4 - k), 0, 1)
+    # with k = (n + 6 h) mod 6 and n = 5, 3, 1 for red, green, blue.
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[:, None, None] + 6 * (h + shift[:, None, None]).unsqueeze(1)) % 6
+    return v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def _jitter(x, spec, gen):

@@ -213,10 +213,10 @@ _last_plot = [0.0]  # when the figures were last drawn (time.monotonic)
 
 def append_metrics(out: Path, record: dict, epochs: int) -> None:
     """One more line of metrics.jsonl and a summary line printed; the figures are redrawn from the whole
-    file after the last epoch and at most every 30 s before it (drawing costs about a second)."""
+    file after the last epoch and at most once a minute before it (drawing costs about a second)."""
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    if record["epoch"] == epochs or time.monotonic() - _last_plot[0] > 30:
+    if record["epoch"] == epochs or time.monotonic() - _last_plot[0] > 60:
         plot(out, read_metrics(out / "metrics.jsonl"))
         _last_plot[0] = time.monotonic()
     health = "" if "erank_z" not in record else (

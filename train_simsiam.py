@@ -393,6 +393,8 @@ def train(args: Args) -> Learner:
     test_loader, bank_loader = (None if ds is None else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
                                 args.num_workers, cuda, batch_size=max(2, args.batch_size // world))
                                 for ds, index in ((test_set, torch.arange(len(test_set))), (bank_set, bank)))
+    if (len(test_set) + len(bank)) * 12 * crop**2 < 2**28:  # the clean views never change: under 256 MB, read them once
+        test_loader, bank_loader = (loader and list(loader) for loader in (test_loader, bank_loader))
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     memory_format = torch.channels_last if cuda else torch.contiguous_format
 

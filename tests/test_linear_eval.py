@@ -7,13 +7,11 @@ zero, so every image maps to the same (zero) feature vector.
 """
 
 import json
-import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

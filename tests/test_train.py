@@ -6,7 +6,6 @@ staying the same outside their METHOD blocks."""
 import dataclasses
 import difflib
 import json
-import os
 import re
 import subprocess
 import sys

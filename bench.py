@@ -30,7 +30,11 @@ Markdown table; bench.json in --out-dir holds every number.
              from its metrics.jsonl and the time of its training step alone, measured here.
   lineval    offline linear evaluation with cached features vs the frozen backbone re-run every
              epoch, extrapolated from the measured epochs to the default 100.
-  memory     peak RSS of a process that runs training steps at batch 64 (fp32, the BYOL preset).
+  memory     peak RSS of a process that runs training steps at batch 64 (fp32, the BYOL preset);
+             on a GPU, the peak GPU memory of steps at batch 256 and 1024.
+
+On a GPU the step, predictor, data and memory sections run there (batches 256 and 1024 in the step
+section); the toy suite, the laptop run's overhead and the linear evaluation stay CPU measurements.
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ class Args:
     """timed repetitions of the short measurements (the median is reported)"""
     quick: bool = False
     """about a minute: no toy suite and no memory section, one repetition, batch 64 only, shorter runs"""
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when there is one
+
+
+def sync() -> None:
+    """Wait for the GPU, so that a time is the time of the work and not of queueing it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int = 3, warmup: int = 1, budget_s: float = 30.0) -> float:
@@ -162,15 +175,16 @@ def bench_predictor(args: Args, step_s: float | None) -> dict:
     import common as C
     torch.manual_seed(0)
     d, B = 256, 256
-    z1, z2 = torch.randn(B, d), torch.randn(B, d)
-    pred = C.ClosedFormPredictor(d, alpha=0.5, eps=0.0, tau=0.998)
+    z1, z2 = torch.randn(B, d, device=DEVICE), torch.randn(B, d, device=DEVICE)
+    pred = C.ClosedFormPredictor(d, alpha=0.5, eps=0.0, tau=0.998).to(DEVICE)
 
     def ours():
         pred.update(torch.cat([z1, z2]))
         pred(z1), pred(z2)
+        sync()
 
     def general(dtype):
-        Cm = torch.zeros(d, d, dtype=dtype)
+        Cm = torch.zeros(d, d, dtype=dtype, device=DEVICE)
 
         def run():
             nonlocal Cm
@@ -181,6 +195,7 @@ def bench_predictor(args: Args, step_s: float | None) -> dict:
                 s = s.real.clamp_min(0) / s.real.max()
                 W = (U @ torch.diag(s.to(U.dtype) ** 0.5) @ torch.linalg.inv(U)).real
                 z @ W
+            sync()
         return run
 
     t_ours = timed(ours, args.repeats * 5)
@@ -199,42 +214,77 @@ def bench_predictor(args: Args, step_s: float | None) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_step(batch: int, channels_last: bool, bf16: bool):
-    """A full train_byol.py step (BYOL preset: EMA target, MLP predictor, LARS, readout) on random 32 x 32 views."""
+def make_step(batch: int, channels_last: bool, bf16: bool, n: int = 1):
+    """n full train_byol.py steps (BYOL preset: EMA target, MLP predictor, LARS, readout) on random 32 x 32 views."""
     import train_byol as Tb
     args = replace(Tb.PRESETS["byol"][1], batch_size=batch)
     learner = Tb.Learner(args, 10, small_stem=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    learner = learner.to(memory_format=fmt)
+    learner = learner.to(DEVICE, memory_format=fmt)
     opt = Tb.make_optimizer(args, [*learner.online_parameters(), *learner.predictor.parameters()])
     ropt = torch.optim.SGD(learner.readout.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    x1, x2 = (torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt) for _ in range(2))
-    y = torch.randint(0, 10, (batch,))
-    autocast = lambda: torch.autocast("cpu", torch.bfloat16, enabled=bf16)  # noqa: E731
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=False)
+    x1, x2 = (torch.randn(batch, 3, 32, 32, device=DEVICE).contiguous(memory_format=fmt) for _ in range(2))
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    autocast = lambda: torch.autocast(DEVICE.type, torch.bfloat16, enabled=bf16)  # noqa: E731
 
     def step():
-        Tb.train_step(learner, learner, opt, ropt, scaler, x1, x2, y, autocast, 0.99)
+        for _ in range(n):
+            Tb.train_step(learner, learner, opt, ropt, scaler, x1, x2, y, autocast, 0.99)
+        sync()
     return step
 
 
 def bench_step(args: Args) -> dict:
-    """Batch 64 in every configuration; batch 256 (tens of seconds a step on a small CPU) in the
-    fastest layout only, fp32 channels_last, and bf16 where it is native."""
+    """On a CPU: batch 64 in every configuration; batch 256 (tens of seconds a step on a small CPU)
+    in the fastest layout only, fp32 channels_last, and bf16 where it is native. On a GPU: batches
+    256 and 1024 in every configuration, 10 steps per timing after 3 for warm-up."""
     results, rows = {}, []
-    configs = [(64, bf16, cl) for bf16 in (False, True) for cl in (False, True)]
-    configs += [] if args.quick else [(256, False, True), (256, True, True)]
+    cuda = DEVICE.type == "cuda"
+    sizes = (256, 1024) if cuda else (64,)
+    configs = [(b, bf16, cl) for b in sizes for bf16 in (False, True) for cl in (False, True)]
+    configs += [] if args.quick or cuda else [(256, False, True), (256, True, True)]
+    n = 10 if cuda else 1
     for batch, bf16, cl in configs:
         key = f"b{batch}-{'bf16' if bf16 else 'fp32'}-{'cl' if cl else 'nchw'}"
         if bf16 and not native_bf16():
             results[key] = dict(skipped="no native bf16 on this CPU: emulated, many times slower than fp32")
             rows.append((batch, "bf16", "yes" if cl else "no", "skipped", "no native bf16 (emulated)"))
             continue
-        t = timed(make_step(batch, cl, bf16), repeats=1 if batch == 256 or args.quick else 2, budget_s=20)
+        repeats = args.repeats if cuda else 1 if batch == 256 or args.quick else 2
+        t = timed(make_step(batch, cl, bf16, n), repeats=repeats, warmup=3 if cuda else 1, budget_s=20) / n
         results[key] = dict(step_s=t, images_per_s=batch / t)
-        rows.append((batch, "bf16" if bf16 else "fp32", "yes" if cl else "no", f"{t:.2f}", f"{batch / t:.1f}"))
+        rows.append((batch, "bf16" if bf16 else "fp32", "yes" if cl else "no", f"{t:.3f}", f"{batch / t:.1f}"))
     print(table(rows, ("batch", "autocast", "channels_last", "s/step", "images/s (pairs)")))
     return results
+
+
+def bench_memory(args: Args) -> dict:
+    """On a CPU, the peak resident set of a fresh process that runs training steps at batch 64 (fp32);
+    on a GPU, torch.cuda.max_memory_allocated over steps at batch 256 and 1024 (channels_last)."""
+    if DEVICE.type == "cuda":
+        results, rows = {}, []
+        for batch in (256, 1024):
+            for bf16 in (False, True):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                make_step(batch, True, bf16, 3)()
+                peak = torch.cuda.max_memory_allocated() / 2**20
+                results[f"b{batch}-{'bf16' if bf16 else 'fp32'}-cl"] = dict(peak_gpu_mib=peak)
+                rows.append((f"training step, batch {batch}, {'bf16' if bf16 else 'fp32'}, channels_last", f"{peak:.0f} MiB"))
+        print(table(rows, ("BYOL preset, width 1, 32 x 32", "peak GPU memory (max_memory_allocated)")))
+        return results
+    # VmHWM (peak resident set) of a fresh process; ru_maxrss would count the parent's pages too.
+    code = ("import bench, torch\n"
+            "kb = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key)))\n"
+            "base = kb('VmRSS:'); s = bench.make_step(64, False, False); [s() for _ in range(3)]\n"
+            "print(base, kb('VmHWM:'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    base_kb, peak_kb = map(int, out.split()[-2:])
+    rows = [("training step, batch 64, fp32 (BYOL preset, width 1)", f"{peak_kb / 1024:.0f} MiB",
+             f"{(peak_kb - base_kb) / 1024:.0f} MiB")]
+    print(table(rows, ("peak RSS", "process", "above `import torch`")))
+    return dict(peak_rss_mib=peak_kb / 1024, above_import_mib=(peak_kb - base_kb) / 1024)
 
 
 def bench_overhead(args: Args) -> dict:
@@ -289,19 +339,25 @@ def bench_data(args: Args, step: dict | None) -> dict:
     base = [(Image.fromarray(a), 0) for a in arrays]
     specs = D.view_specs(32, (0.0, 0.0))
     views = D.TwoViews(base, tuple(map(D.pil_view, specs)), seed=0)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one loader worker is one process on one core
     pil = len(base) / timed(lambda: [views[(0, i)] for i in range(len(base))], repeats=1)
-    torch.set_num_threads(2)
-    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+    torch.set_num_threads(threads)
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(DEVICE)
     batches = [[(0, i) for i in range(256)], [(0, i) for i in range(256, 512)]]
-    device = len(base) / timed(lambda: list(D.device_views(images, torch.zeros(512), specs, batches, 0,
-                                                            torch.contiguous_format)), repeats=args.repeats)
-    gpu_rate = 20_000
+
+    def device_path():
+        list(D.device_views(images, torch.zeros(512, device=DEVICE), specs, batches, 0, torch.contiguous_format))
+        sync()
+    device = len(base) / timed(device_path, repeats=args.repeats, warmup=2)
+    where = "on the GPU" if DEVICE.type == "cuda" else f"on this CPU ({torch.get_num_threads()} threads)"
+    best = max((v["images_per_s"] for v in (step or {}).values() if "images_per_s" in v), default=None)
+    # What a fast GPU eats: the best measured step there, else a round figure for an A100-class GPU.
+    gpu_rate = round(best) if best and DEVICE.type == "cuda" else 20_000
     rows = [("PIL path, one loader worker (one core)", f"{pil:.0f}", f"{math.ceil(gpu_rate / pil)} workers"),
-            ("batched device path, on this CPU (2 threads)", f"{device:.0f}", "runs on the GPU itself")]
-    if step:
-        best = max(v["images_per_s"] for v in step.values() if "images_per_s" in v)
-        rows.append(("model step on this CPU (best configuration)", f"{best:.0f}", "the model limits here"))
+            (f"batched device path, {where}", f"{device:.0f}", "runs on the GPU itself")]
+    if best:
+        rows.append((f"model step {where.split(' (')[0]} (best configuration)", f"{best:.0f}", "the model limits here"))
     print(table(rows, ("two-view augmentation, 32 x 32", "images/s", f"to feed {gpu_rate} images/s")))
     return dict(pil_per_worker=pil, device_path_cpu=device, workers_for_gpu=math.ceil(gpu_rate / pil))
 

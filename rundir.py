@@ -112,8 +112,10 @@ def finish(*loaders) -> None:
     collector, which may find them only late, each one waits out a 5 s timeout before it exits);
     under torchrun, wait for every rank and leave the process group."""
     for loader in loaders:
-        if getattr(loader, "_iterator", None) is not None:  # torch keeps a persistent loader's iterator here
-            loader._iterator._shutdown_workers()
+        # torch keeps a persistent loader's iterator in _iterator (private: if it moves, gc stops the workers)
+        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
             loader._iterator = None
     if dist.is_initialized():
         dist.barrier()
@@ -239,8 +241,10 @@ def plot(out: Path, records: list[dict]) -> None:
         rs = [r for r in records if r.get(key) is not None]
         return [r["epoch"] for r in rs], [r[key] for r in rs]
     last = {k: v for r in records for k, v in r.items() if v is not None}  # the latest value of every key
+    # A time or a curve from one machine is not one from another: every figure names where it was drawn.
+    where = f"{out.name}, on {torch.cuda.get_device_name() if torch.cuda.is_available() else C.cpu_info()[0]}"
     # Fixed margins instead of tight_layout, which measures every text and took most of a run's plotting time.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(left=0.05, right=0.99, bottom=0.12, top=0.85, wspace=0.25))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(left=0.05, right=0.99, bottom=0.12, top=0.8, wspace=0.25))
     for ax, key, title in zip(axes, ("eigenvalues", "cov_z_eigenvalues", "cov_f_eigenvalues"), (
             f"C = running E[z z^T], uncentred (the predictor's)\nparticipation ratio {last['participation_ratio']:.1f}",
             f"covariance of z, centred (test split, eval mode)\neffective rank {last.get('erank_z', math.nan):.1f}",
@@ -250,8 +254,9 @@ def plot(out: Path, records: list[dict]) -> None:
             ax.plot(epochs, torch.tensor(values).clamp_min(1e-12).flip(1).numpy(), ".-", color="tab:blue", lw=0.6, ms=2)
         ax.set(yscale="log", xlabel="epoch", ylabel="eigenvalue")
         ax.set_title(title, fontsize=10)
+    fig.suptitle(where, fontsize=9)
     fig.savefig(out / "eigenvalues.png", dpi=100)
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), gridspec_kw=dict(left=0.04, right=0.99, bottom=0.12, top=0.9, wspace=0.25))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), gridspec_kw=dict(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.25))
     for ax, keys, ylabel, title in zip(
             axes, (("online_readout_top1", "knn_top1"), ("erank_z", "erank_f"), ("std_normalized_z",), ("mean_share_z",)),
             ("accuracy (%)", "effective rank (RankMe)", "std of z/|z|", "|E z|^2 / E|z|^2"),
@@ -267,5 +272,6 @@ def plot(out: Path, records: list[dict]) -> None:
         ax.set_ylim(bottom=0)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    fig.suptitle(where, fontsize=9)
     fig.savefig(out / "online_readout.png", dpi=100)
     plt.close("all")

@@ -263,8 +263,9 @@ def plot(out: Path, records: list[dict]) -> None:
             ("test split, eval mode", "centred covariance (test split, eval mode)", "collapse indicator (training batches)",
              "share of the mean in z (test split, eval mode)")):
         for key in keys:
-            if series(key)[0]:
-                ax.plot(*series(key), "o-", label=key)
+            epochs, values = series(key)
+            if values:
+                ax.plot(epochs, values, "o-", label=key)
         ax.set(xlabel="epoch", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
     axes[2].axhline(1 / math.sqrt(len(last["eigenvalues"])), color="gray", ls="--", label="healthy 1/sqrt(d)")

@@ -7,7 +7,7 @@ non-contrastive SSL", NeurIPS 2023) and to ../shared/SPEC.md:
   iso_euclidean_loss, iso_cosine_loss SPEC 3: IsoLoss, the same gradient with W_P^T removed
   MLPPredictor, LinearPredictor       SPEC 2: BYOL/SimSiam predictor; learnable W (Fig. 4)
   correlation_batch, ClosedFormPredictor  SPEC 2: C <- tau C + (1 - tau) Z^T Z / B, eigh, W_P = U diag(s_hat^a) U^T
-  symmetric_loss                      SPEC 1: both view orders, summed (not averaged)
+  pair_loss                           SPEC 1, 3: one view order's loss; the step sums both orders
   participation_ratio, normalized_std, eigenvector_alignment, centred_spectrum, effective_rank,
   mode_gradients, knn_scores, topk_accuracy  what the runs log (SPEC 6), how collapse is told from health
   resnet18                            the backbone, with torchvision's parameter names
@@ -106,7 +106,8 @@ class ClosedFormPredictor(nn.Module):
 
     update(z) folds a detached batch into C <- tau C + (1 - tau) Z^T Z / B (not centred), then
     eigendecomposes C once (eigh, float64) and caches W_P and W_P^(1/2); calling the module
-    returns (p, p_sqrt) = (W_P z, W_P^(1/2) z). W_P is a constant for autograd.
+    returns p = W_P z, and sqrt(z) returns W_P^(1/2) z. W_P is a constant for autograd. The training
+    scripts update once per view, each view predicted right after its own update (the release's order).
     Edge cases, by design: before the first update, and whenever C is all zeros, W_P = I (s / max(s)
     is undefined there); with eps = 0 the null directions of C get 0 in W_P; round-off negative
     eigenvalues are clipped at 0; NaN or Inf in z raise FloatingPointError before C is touched.
@@ -140,9 +141,13 @@ class ClosedFormPredictor(nn.Module):
         self.W.copy_((U * s_hat.pow(self.alpha)) @ U.T)
         self.W_sqrt.copy_((U * s_hat.pow(self.alpha / 2)) @ U.T)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         # W_P is symmetric, so z @ W_P is (W_P z^T)^T row by row.
-        return z @ self.W.to(z.dtype), z @ self.W_sqrt.to(z.dtype)
+        return z @ self.W.to(z.dtype)
+
+    def sqrt(self, z: torch.Tensor) -> torch.Tensor:
+        """W_P^(1/2) z, which the cosine IsoLoss needs beside p = W_P z."""
+        return z @ self.W_sqrt.to(z.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, tau={self.tau}"
@@ -167,28 +172,26 @@ def check_isoloss(predictor: nn.Module) -> None:
                          f"W_P^T from the gradient, which needs a symmetric linear W_P; got {type(predictor).__name__}")
 
 
-def symmetric_loss(loss: str, isoloss: bool, predictor: nn.Module, z1: torch.Tensor, z2: torch.Tensor,
-                   t1: torch.Tensor, t2: torch.Tensor, stop_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of p1 toward t2 plus loss of p2 toward t1 (summed, SPEC section 1). Returns (loss to minimise,
-    plain cosine loss of the same pairs, detached, for logging). A ClosedFormPredictor must have been
-    updated for this step already (update, then predict)."""
-    if loss not in ("cosine", "euclidean"):
-        raise ValueError(f"unknown loss {loss!r}; choose cosine or euclidean")
+def pair_loss(loss: str, isoloss: bool, predictor: nn.Module, z: torch.Tensor, t: torch.Tensor,
+              stop_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one view order: the prediction of z toward the target t. Returns (loss to minimise,
+    plain cosine loss of the same pair, detached, for logging). The training step sums the two orders
+    (p1 toward t2, p2 toward t1: summed, not averaged). A ClosedFormPredictor predicts with the W_P it
+    holds now: update it with this view first."""
+    p = predictor(z)
     if isoloss:
         check_isoloss(predictor)
         if not stop_grad:
             raise ValueError("IsoLoss is built from stop-gradients; it has no no-stop-gradient variant")
-    total, plain = 0.0, 0.0
-    for z, t in ((z1, t2), (z2, t1)):
-        out = predictor(z)
-        p, p_sqrt = out if isinstance(out, tuple) else (out, None)
-        if isoloss:
-            total = total + (iso_cosine_loss(z, p, p_sqrt, t) if loss == "cosine" else iso_euclidean_loss(z, p, t))
-        else:
-            fn = cosine_loss if loss == "cosine" else euclidean_loss
-            total = total + fn(p, t, stop_grad=stop_grad)
-        plain = plain + cosine_loss(p.detach(), t)
-    return total, plain
+        value = iso_cosine_loss(z, p, predictor.sqrt(z), t) if loss == "cosine" else iso_euclidean_loss(z, p, t)
+    else:
+        value = (cosine_loss if loss == "cosine" else euclidean_loss)(p, t, stop_grad=stop_grad)
+    return value, cosine_loss(p.detach(), t)
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least: autocast's half-precision outputs are widened, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # --- Metrics: what the deep runs log (SPEC section 6), and how collapse is told from health ---
@@ -253,12 +256,8 @@ def mode_gradients(predictor: ClosedFormPredictor, loss: str, z: torch.Tensor, t
     mean cosine between the descent direction and z, > 0 where a step lengthens z."""
     U, out = torch.linalg.eigh(predictor.C)[1], {}
     for name in ("standard", "iso"):
-        zz, tt = z.detach().double().requires_grad_(), t.detach().double()
-        p, p_sqrt = predictor(zz)
-        if name == "iso":
-            value = iso_cosine_loss(zz, p, p_sqrt, tt) if loss == "cosine" else iso_euclidean_loss(zz, p, tt)
-        else:
-            value = cosine_loss(p, tt) if loss == "cosine" else euclidean_loss(p, tt)
+        zz = z.detach().double().requires_grad_()
+        value, _ = pair_loss(loss, name == "iso", predictor, zz, t.detach().double())
         g = torch.autograd.grad(value, zz)[0] * len(zz)
         out[f"grad_modes_{name}"] = (g @ U).square().mean(0).sqrt().tolist()
         out[f"grad_radial_{name}"] = float(F.cosine_similarity(-g, zz.detach(), dim=1).mean())
@@ -295,14 +294,16 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """ResNet-18 with torchvision's parameter names: at width 1 its state_dict loads strictly into
-    torchvision.models.resnet18() after the same stem change and fc = Identity. small_stem (32 and 64
-    pixel inputs): first conv 3x3 stride 1, no max-pool. width scales the channels (64, 128, 256,
+    torchvision.models.resnet18() after the same stem change and fc = Identity. small_stem (the release's
+    CIFAR stem, for crops of 32 pixels or less): first conv 3x3, stride 1, padding 2, PyTorch's default
+    init, no max-pool; larger crops keep torchvision's 7x7 stem and max-pool, as the release does. width scales the channels (64, 128, 256,
     512) for CPU trials; out_dim = 512 * width is the feature size."""
 
     def __init__(self, width: float = 1.0, small_stem: bool = True):
         super().__init__()
         c = [max(1, round(k * width)) for k in (64, 128, 256, 512)]
-        self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False) if small_stem else nn.Conv2d(3, c[0], 7, 2, 3, bias=False)
+        # The release's CIFAR stem: 3x3, stride 1, padding 2 (a 32-pixel image gives 34x34 maps).
+        self.conv1 = nn.Conv2d(3, c[0], 3, 1, 2, bias=False) if small_stem else nn.Conv2d(3, c[0], 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(c[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
@@ -316,6 +317,8 @@ class ResNet18(nn.Module):
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if small_stem:  # the release swaps in a new conv1 after torchvision's init: it keeps PyTorch's default
+            self.conv1.reset_parameters()
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

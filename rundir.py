@@ -32,9 +32,9 @@ import common as C
 # Fields that change how a run is executed or reported, never its results: they may differ on resume.
 RUNTIME_FIELDS = {"out_dir", "data_dir", "download", "device", "num_workers", "log_every", "save_every", "overwrite",
                   "allow_changes", "compile"}
-CHECKPOINT_KEYS = ("format", "args", "step", "model", "optimizer", "readout_optimizer", "scaler", "rng", "epoch_sums",
+CHECKPOINT_KEYS = ("format", "args", "step", "model", "optimizer", "scaler", "rng", "epoch_sums",
                    "low_std_epochs", "elapsed")
-FORMAT = "isoloss-train-1"
+FORMAT = "isoloss-train-2"  # 2: the readout joined the main optimiser (its param groups changed)
 RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "eigenvalues.png", "online_readout.png", "backbone.pt", "backbone.json")
 
 

@@ -117,11 +117,12 @@ class Args:
     momentum: float = 0.9
     """Momentum of the optimiser."""
     weight_decay: float = 1e-5
-    """Weight decay (1e-5 for every method in the release's configs); biases and norm layers get none."""
+    """Weight decay (1e-5 for every method in the release's configs); make_optimizer says which parameters get it."""
     warmup_epochs: float = 10.0
-    """Linear warm-up of the learning rate, then a cosine to zero (per step)."""
+    """Linear warm-up of the learning rate from 3e-5, then a cosine to zero (per step), as in the release."""
     readout_lr: float = 0.1
-    """Learning rate of the online linear readout (SGD, momentum 0.9, constant) on detached features."""
+    """Online linear readout on detached features of both views: base learning rate at batch 256 (scaled by batch/256),
+    trained by the method's optimiser with the same warm-up and cosine, no weight decay (the release's)."""
     knn_k: int = 20
     """Neighbours of the k-NN monitor (cosine; test split against up to 10,000 train images); 0 turns it off."""
     eval_every: int = 1
@@ -231,56 +232,67 @@ class Learner(nn.Module):
     def online_parameters(self):
         return [*self.backbone.parameters(), *self.projector.parameters()]
 
+    def observe(self, z: torch.Tensor) -> None:
+        """C takes one view's batch term, C <- tau_c C + (1 - tau_c) Z^T Z / B; for a closed-form
+        predictor this also recomputes W_P from the new C, for the others C is only logged."""
+        if self.closed_form:
+            self.predictor.update(z)
+        else:
+            self.C.mul_(self.args.tau_c).add_(C.correlation_batch(z), alpha=1 - self.args.tau_c)
+
     def forward(self, x1, x2, y):
         f1, f2 = self.backbone(x1), self.backbone(x2)
-        z1, z2 = self.projector(f1).float(), self.projector(f2).float()
+        z1, z2 = C.widen(self.projector(f1)), C.widen(self.projector(f2))
         # --- METHOD (SimSiam): the targets ---
-        # This pass's outputs, detached in symmetric_loss (the stop-gradient) unless the ablation says otherwise.
+        # This pass's outputs, detached in the loss (the stop-gradient) unless the ablation says otherwise.
         t1, t2, stop_grad = z1, z2, self.args.stop_grad
         # --- END METHOD ---
-        z = torch.cat([z1, z2]).detach()
-        if self.closed_form:
-            self.predictor.update(z)  # before predicting: W_P of this step includes this batch
-        else:  # the same rule, for logging only
-            self.C.mul_(self.args.tau_c).add_(C.correlation_batch(z), alpha=1 - self.args.tau_c)
+        ssl = plain = 0.0
         # The loss in float32 even under autocast: W_P z and the norms need the precision.
         with torch.autocast(x1.device.type, enabled=False):
-            ssl, plain = C.symmetric_loss(self.args.loss, self.args.isoloss, self.predictor, z1, z2, t1, t2, stop_grad)
-            self.last_pair = z1.detach(), t2.detach()  # for the gradient diagnostics of the epoch's metrics
-            # The readout sees detached features: it measures the representation, never shapes it.
-            # STL-10's unlabeled images have label -1 and do not count.
-            logits = self.readout(f1.detach().float())
-            ce = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp_min(1)
-        return ssl + ce, ssl.detach(), plain, ce.detach(), C.normalized_std(z)
+            # View by view, as in the authors' release: C takes view 1's batch term and p1 = W_P z1 is predicted
+            # with the W_P that includes it (toward t2); then the same for view 2 (toward t1). Orders summed.
+            for z, t in ((z1, t2), (z2, t1)):
+                self.observe(z)
+                value, cosine = C.pair_loss(self.args.loss, self.args.isoloss, self.predictor, z, t, stop_grad)
+                ssl, plain = ssl + value, plain + cosine
+            self.last_pair = z2.detach(), t1.detach()  # the pair of the W_P held now: the epoch's gradient diagnostics
+            # The readout sees detached features of both views (the release's): it measures the representation,
+            # never shapes it. STL-10's unlabeled images have label -1 and do not count.
+            labelled = 2 * (y >= 0).sum().clamp_min(1)
+            ce = sum(F.cross_entropy(self.readout(C.widen(f.detach())), y, ignore_index=-1, reduction="sum")
+                     for f in (f1, f2)) / labelled
+        return ssl + ce, ssl.detach(), plain, ce.detach(), C.normalized_std(torch.cat([z1, z2]))
 
 
 # --- Optimiser and schedules (plain functions of the step), and the step -------------------------
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up to `peak` over warmup_steps, then a cosine to zero at total_steps."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start: float = 3e-5) -> float:
+    """The release's schedule: linear from `start` (3e-5, whatever the peak) at step 0 to `peak` at step
+    warmup_steps - 1, then a cosine from `peak` at warmup_steps to zero at total_steps."""
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return start + step * (peak - start) / max(1, warmup_steps - 1)
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
 # --- METHOD (SimSiam): optimiser and the step ---
-def make_optimizer(args: Args, params) -> torch.optim.SGD:
-    """Momentum SGD; biases and norm-layer parameters (1-d) get no weight decay."""
-    groups = [dict(params=[p for p in params if p.ndim > 1]), dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
+def make_optimizer(args: Args, learner: Learner) -> torch.optim.SGD:
+    """Momentum SGD, in the release's groups: weight decay on every parameter of the network, biases and norm
+    layers included (its SGD configs exclude none); the online readout without decay, at its own learning rate."""
+    net = [*learner.online_parameters(), *learner.predictor.parameters()]
+    groups = [dict(params=net, name="ssl"), dict(params=[*learner.readout.parameters()], name="readout", weight_decay=0.0)]
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
-def train_step(model, learner: Learner, optimizer, readout_optimizer, scaler, x1, x2, y, autocast):
+def train_step(model, learner: Learner, optimizer, scaler, x1, x2, y, autocast):
     """Both views forward, backward, both optimisers (there is no target network to update).
     Returns the model's outputs (loss, ssl, plain cosine, readout, std); no host synchronisation."""
     with autocast():
         loss, ssl, plain, ce, std = model(x1, x2, y)
     optimizer.zero_grad(set_to_none=True)
-    readout_optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
-    scaler.step(readout_optimizer)
     scaler.update()
     return loss, ssl, plain, ce, std
 # --- END METHOD ---
@@ -350,19 +362,19 @@ def train(args: Args) -> Learner:
         C.die(f"--batch-size {args.batch_size} is larger than the {len(base)} training images of {args.dataset}")
     total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.lr * args.batch_size / 256
+    peaks = dict(ssl=peak_lr, readout=args.readout_lr * args.batch_size / 256)  # by param group name
     out, settings = Path(args.out_dir or f"runs/{args.name}-{args.dataset}-s{args.seed}"), dataclasses.asdict(args)
     ckpt = R.open_run(out, settings)
 
     torch.manual_seed(args.seed)
-    small_stem = crop <= 64
+    small_stem = crop <= 32  # the release's CIFAR stem; TinyImageNet (64) and STL-10 (96) keep torchvision's
     learner = Learner(args, len(test_set.classes), small_stem).to(device)
     if cuda:
         learner = learner.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    optimizer = make_optimizer(args, [*learner.online_parameters(), *learner.predictor.parameters()])
-    readout_optimizer = torch.optim.SGD(learner.readout.parameters(), lr=args.readout_lr, momentum=0.9)
+    optimizer = make_optimizer(args, learner)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    parts = dict(model=learner, optimizer=optimizer, readout_optimizer=readout_optimizer, scaler=scaler)
+    parts = dict(model=learner, optimizer=optimizer, scaler=scaler)
     step, sums, low_std_epochs, elapsed = 0, torch.zeros(4, dtype=torch.float64, device=device), 0, 0.0
     if ckpt is not None:
         R.restore(ckpt, parts, out)
@@ -423,12 +435,12 @@ def train(args: Args) -> Learner:
         for x1, x2, y in source:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_at(step, total_steps, warmup_steps, peaks[group["name"]])
             x1, x2 = (x.to(device, non_blocking=True, memory_format=memory_format) for x in (x1, x2))
             y = y.to(device, non_blocking=True)
             try:
                 # --- METHOD (SimSiam): the step ---
-                loss, ssl, plain, ce, std = train_step(model, learner, optimizer, readout_optimizer, scaler,
+                loss, ssl, plain, ce, std = train_step(model, learner, optimizer, scaler,
                                                        x1, x2, y, autocast)
                 # --- END METHOD ---
             except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged

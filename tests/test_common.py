@@ -42,8 +42,8 @@ def test_iso_euclidean_gradient_is_standard_without_WT(alpha, eps):
     pred = fitted_predictor(alpha=alpha, eps=eps)
     W = pred.W
     z, t = torch.randn(16, 8), torch.randn(16, 8)
-    g_std = grad_of(lambda z: C.euclidean_loss(pred(z)[0], t), z)
-    g_iso = grad_of(lambda z: C.iso_euclidean_loss(z, pred(z)[0], t), z)
+    g_std = grad_of(lambda z: C.euclidean_loss(pred(z), t), z)
+    g_iso = grad_of(lambda z: C.iso_euclidean_loss(z, pred(z), t), z)
     p = z @ W
     torch.testing.assert_close(g_iso, 2 * (p - t) / len(z))
     torch.testing.assert_close(g_std, g_iso @ W)  # per sample: W^T g_iso, W symmetric
@@ -55,8 +55,8 @@ def test_iso_cosine_gradient_is_standard_without_WT(alpha, eps):
     pred = fitted_predictor(alpha=alpha, eps=eps, seed=1)
     W = pred.W
     z, t = torch.randn(16, 8), torch.randn(16, 8)
-    g_std = grad_of(lambda z: C.cosine_loss(pred(z)[0], t), z)
-    g_iso = grad_of(lambda z: C.iso_cosine_loss(z, *pred(z), t), z)
+    g_std = grad_of(lambda z: C.cosine_loss(pred(z), t), z)
+    g_iso = grad_of(lambda z: C.iso_cosine_loss(z, pred(z), pred.sqrt(z), t), z)
     p = z @ W
     pn, tn = p.norm(dim=1, keepdim=True), t.norm(dim=1, keepdim=True)
     by_hand = -2 * (t / (pn * tn) - (p * t).sum(1, keepdim=True) * p / (pn**3 * tn)) / len(z)
@@ -69,8 +69,8 @@ def test_no_gradient_reaches_target_or_predictor_matrix():
     pred = fitted_predictor()
     z = torch.randn(4, 8, requires_grad=True)
     t = torch.randn(4, 8, requires_grad=True)
-    for loss in (C.cosine_loss(pred(z)[0], t), C.euclidean_loss(pred(z)[0], t),
-                 C.iso_cosine_loss(z, *pred(z), t), C.iso_euclidean_loss(z, pred(z)[0], t)):
+    for loss in (C.cosine_loss(pred(z), t), C.euclidean_loss(pred(z), t),
+                 C.iso_cosine_loss(z, pred(z), pred.sqrt(z), t), C.iso_euclidean_loss(z, pred(z), t)):
         assert loss.grad_fn is not None
         t.grad = None
         loss.backward()
@@ -102,23 +102,26 @@ def test_loss_values_by_hand():
     assert C.iso_cosine_loss(Z, P, Z, T).item() == pytest.approx(iso.mean())
 
 
-def test_symmetric_loss_sums_both_orders():
+def test_pair_loss_dispatches_to_each_loss_and_logs_the_plain_cosine():
     pred = fitted_predictor()
-    z1, z2, t1, t2 = (torch.randn(6, 8) for _ in range(4))
-    total, plain = C.symmetric_loss("cosine", False, pred, z1, z2, t1, t2)
-    expect = C.cosine_loss(pred(z1)[0], t2) + C.cosine_loss(pred(z2)[0], t1)
-    torch.testing.assert_close(total, expect)
-    torch.testing.assert_close(plain, expect)
-    total, plain = C.symmetric_loss("euclidean", True, pred, z1, z2, t1, t2)
-    torch.testing.assert_close(total, C.euclidean_loss(pred(z1)[0], t2) + C.euclidean_loss(pred(z2)[0], t1))
-    torch.testing.assert_close(plain, expect)  # the plain cosine loss is logged beside IsoLoss
+    z, t = torch.randn(6, 8), torch.randn(6, 8)
+    plain = C.cosine_loss(pred(z), t)
+    for loss, iso, expect in (("cosine", False, plain), ("euclidean", False, C.euclidean_loss(pred(z), t)),
+                              ("cosine", True, C.iso_cosine_loss(z, pred(z), pred.sqrt(z), t)),
+                              ("euclidean", True, C.iso_euclidean_loss(z, pred(z), t))):
+        value, logged = C.pair_loss(loss, iso, pred, z, t)
+        torch.testing.assert_close(value, expect)
+        torch.testing.assert_close(logged, plain)  # the plain cosine loss is logged beside every loss
+    with pytest.raises(ValueError, match="stop-gradients"):
+        C.pair_loss("cosine", True, pred, z, t, stop_grad=False)
 
 
 def test_isoloss_needs_closed_form_predictor():
     z = torch.randn(4, 8)
     for pred in (C.MLPPredictor(8, 16), C.LinearPredictor(8), nn.Identity()):
-        with pytest.raises(ValueError, match="IsoLoss needs a closed-form predictor"):
-            C.symmetric_loss("cosine", True, pred, z, z, z, z)
+        for loss in ("cosine", "euclidean"):
+            with pytest.raises(ValueError, match="IsoLoss needs a closed-form predictor"):
+                C.pair_loss(loss, True, pred, z, z)
     C.check_isoloss(C.build_predictor("directcopy", 8))
 
 
@@ -146,9 +149,8 @@ def test_closed_form_against_direct_matrix_powers():
     torch.testing.assert_close(pred.W, pred.W.T)
     assert torch.linalg.eigvalsh(pred.W).min() > -1e-12
     torch.testing.assert_close(pred.eigvals, torch.linalg.eigvalsh(Cm))
-    p, p_sqrt = pred(Z[:3])
-    torch.testing.assert_close(p, Z[:3] @ pred.W)
-    torch.testing.assert_close(p_sqrt, Z[:3] @ pred.W_sqrt)
+    torch.testing.assert_close(pred(Z[:3]), Z[:3] @ pred.W)
+    torch.testing.assert_close(pred.sqrt(Z[:3]), Z[:3] @ pred.W_sqrt)
 
 
 def test_directcopy_is_C_over_max_plus_quarter_identity():
@@ -174,7 +176,7 @@ def test_running_update_of_C():
 def test_degenerate_inputs():
     pred = C.ClosedFormPredictor(4, tau=0.5)
     z = torch.randn(3, 4)
-    torch.testing.assert_close(pred(z)[0], z)  # before any data: W_P = I
+    torch.testing.assert_close(pred(z), z)  # before any data: W_P = I
     pred.update(torch.zeros(5, 4))  # all-zero C: still the identity, no NaN
     torch.testing.assert_close(pred.W, torch.eye(4))
     torch.testing.assert_close(pred.W_sqrt, torch.eye(4))
@@ -266,7 +268,7 @@ def test_resnet18_loads_strictly_into_torchvision():
     try:
         ours = C.resnet18(width=1.0, small_stem=True)
         tv = torchvision.models.resnet18()
-        tv.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        tv.conv1 = nn.Conv2d(3, 64, 3, 1, 2, bias=False)
         tv.maxpool = nn.Identity()
         tv.fc = nn.Identity()
         tv.load_state_dict(ours.state_dict(), strict=True)
@@ -282,6 +284,25 @@ def test_resnet18_loads_strictly_into_torchvision():
         tv96.load_state_dict(big.state_dict(), strict=True)
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+def test_small_stem_is_the_releases_cifar_stem():
+    """3x3, stride 1, padding 2 (34 x 34 maps from 32 x 32 images), PyTorch's default init, no max-pool;
+    every other conv keeps torchvision's Kaiming fan-out init, and so does the ImageNet stem."""
+    torch.manual_seed(0)
+    net = C.resnet18(width=1.0, small_stem=True)
+    conv = net.conv1
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((3, 3), (1, 1), (2, 2), None)
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net.relu(net.bn1(conv(torch.randn(1, 3, 32, 32)))).shape[-2:] == (34, 34)
+    w = conv.weight.detach()
+    bound = 1 / 27 ** 0.5  # kaiming_uniform(a = sqrt 5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3 * 3 * 3
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # 1,728 draws reach the bound
+    assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)  # 0.111; Kaiming fan-out would be 0.059
+    fan_out = net.layer1[0].conv1.weight  # 64 * 3 * 3
+    assert fan_out.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
+    big = C.resnet18(small_stem=False).conv1.weight
+    assert (big.shape[-1], big.std().item()) == (7, pytest.approx((2 / (64 * 49)) ** 0.5, rel=0.05))
 
 
 def test_atomic_save_and_clear_checkpoint_errors(tmp_path):

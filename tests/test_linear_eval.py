@@ -161,7 +161,7 @@ def test_plain_torchvision_state_dicts_load(tmp_path):
     tv = torchvision.models.resnet18(num_classes=10).eval()
     torch.save(tv.state_dict(), tmp_path / "imagenet_stem.pth")  # with fc.*, 7x7 stem
     small = torchvision.models.resnet18()
-    small.conv1, small.maxpool, small.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    small.conv1, small.maxpool, small.fc = nn.Conv2d(3, 64, 3, 1, 2, bias=False), nn.Identity(), nn.Identity()
     torch.save(small.state_dict(), tmp_path / "small_stem.pth")
     x = torch.randn(2, 3, 32, 32)
     for name, ref, small_stem in (("imagenet_stem.pth", tv, False), ("small_stem.pth", small, True)):

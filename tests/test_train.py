@@ -6,6 +6,7 @@ staying the same outside their METHOD blocks."""
 import dataclasses
 import difflib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import common as C
@@ -93,20 +95,20 @@ def test_end_to_end_writes_everything_and_a_torchvision_backbone(tmp_path, data,
         assert torch.equal(v, ckpt["model"][f"backbone.{k}"]), k
 
 
-@pytest.mark.parametrize("crop", [32, 96])
-def test_backbone_at_width_one_loads_strictly_into_torchvision(tmp_path, crop):
-    """The README's lines: the small stem for 32/64-pixel crops, torchvision's own stem for STL-10's 96."""
-    small_stem = crop <= 64
+@pytest.mark.parametrize("crop", [32, 64, 96])
+def test_the_readmes_loading_lines_load_the_backbone_into_torchvision(tmp_path, crop):
+    """The README's own code block, executed: the release's small stem (padding 2, no max-pool) for 32-pixel
+    crops, torchvision's own stem for TinyImageNet's 64 and STL-10's 96; the features are the same."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("The backbone loads into a plain torchvision ResNet-18:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert block.count('run = "') == 1
+    small_stem = crop <= 32  # as train_byol.py decides it
     learner = B.Learner(dataclasses.replace(B.Args(), proj_hidden=32, proj_dim=16), 10, small_stem)
     R.export_backbone(learner.backbone, tmp_path, width=1.0, small_stem=small_stem, crop=crop)
-    tv = torchvision.models.resnet18()
-    if json.loads((tmp_path / "backbone.json").read_text())["small_stem"]:
-        tv.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        tv.maxpool = nn.Identity()
-    tv.fc = nn.Identity()
-    tv.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    scope = {}
+    exec(re.sub(r'run = ".*"', f"run = {str(tmp_path)!r}", block), scope)
     x = torch.randn(2, 3, crop, crop)
-    torch.testing.assert_close(tv.eval()(x), learner.backbone.eval()(x))
+    torch.testing.assert_close(scope["model"].eval()(x), learner.backbone.eval()(x))
 
 
 # --- every preset of the grid -------------------------------------------------------------------
@@ -138,7 +140,7 @@ def test_presets_hold_the_papers_settings():
             # The method is the script's: the EMA target and LARS in train_byol.py, neither in train_simsiam.py.
             learner = module.Learner(dataclasses.replace(a, **TINY), 2, True)
             assert hasattr(learner, "target") is ema, name
-            optimizer = module.make_optimizer(a, learner.online_parameters())
+            optimizer = module.make_optimizer(a, learner)
             assert isinstance(optimizer, B.LARS if ema else torch.optim.SGD), name
             if name == "cpu-demo":
                 continue
@@ -214,15 +216,82 @@ def test_tau_follows_the_cosine_from_base_to_final():
     assert taus == sorted(taus)
 
 
-def test_learning_rate_warmup_then_cosine():
+def test_learning_rate_is_the_releases_warmup_then_cosine():
+    """Linear from 3e-5 at step 0 to the peak at step W - 1, the peak at W, then a cosine to zero at the end."""
     peak, total, warm = 2.0, 1100, 100
-    assert B.lr_at(0, total, warm, peak) == pytest.approx(peak / 100)
-    assert B.lr_at(49, total, warm, peak) == pytest.approx(peak / 2)
+    assert B.lr_at(0, total, warm, peak) == 3e-5
+    assert B.lr_at(1, total, warm, peak) == pytest.approx(3e-5 + (peak - 3e-5) / 99)
+    assert B.lr_at(50, total, warm, peak) == pytest.approx(3e-5 + 50 * (peak - 3e-5) / 99)
     assert B.lr_at(99, total, warm, peak) == pytest.approx(peak)
     assert B.lr_at(100, total, warm, peak) == pytest.approx(peak)
+    assert B.lr_at(101, total, warm, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi / 1000)))
     assert B.lr_at(600, total, warm, peak) == pytest.approx(peak / 2)
     assert B.lr_at(1100, total, warm, peak) == pytest.approx(0.0, abs=1e-12)
-    assert B.lr_at(0, total, 0, peak) == pytest.approx(peak)
+    assert B.lr_at(0, total, 0, peak) == pytest.approx(peak)  # no warm-up: the peak from the start
+    assert S.lr_at is not B.lr_at and all(S.lr_at(k, total, warm, peak) == B.lr_at(k, total, warm, peak) for k in (0, 1, 100))
+
+
+@pytest.mark.parametrize("module", [B, S])
+def test_the_training_loop_sets_each_groups_learning_rate(tmp_path, data, module):
+    """What the loop wrote into the optimiser at steps 0, 1 and W: the network at lr x batch/256, the readout at
+    readout_lr x batch/256, both on the release's schedule."""
+    seen = []
+    real = module.train_step
+
+    def spy(model, learner, optimizer, *rest):
+        seen.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        return real(model, learner, optimizer, *rest)
+    args = tiny(module.PRESETS["isoloss"][1], data, "cifar10", tmp_path / "run", steps_per_epoch=2, epochs=3,
+                warmup_epochs=1.0, lr=0.8, readout_lr=0.4, knn_k=0, eval_every=3)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(module, "train_step", spy)
+        module.train(args)
+    peak, readout = 0.8 * 8 / 256, 0.4 * 8 / 256
+    for k, want in ((0, (3e-5, 3e-5)), (1, (peak, readout)), (2, (peak, readout))):  # W = 2 warm-up steps
+        assert seen[k] == pytest.approx(dict(ssl=want[0], readout=want[1])), k
+    assert seen[3]["ssl"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_weight_decay_and_lars_groups_are_the_releases():
+    """LARS (with EMA): decay and trust ratio on the network's weights, neither on its biases and norm layers;
+    the readout never decays (its weight adapted, its bias not). SGD (without EMA): decay on every parameter of
+    the network, biases and norm layers included; none on the readout."""
+    for module in (B, S):
+        args = dataclasses.replace(module.PRESETS["isoloss"][1], **TINY)
+        learner = module.Learner(args, 3, True)
+        groups = module.make_optimizer(args, learner).param_groups
+        net = {id(p) for p in (*learner.online_parameters(), *learner.predictor.parameters())}
+        readout = {id(p) for p in learner.readout.parameters()}
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(net | readout)  # each parameter once
+        for g in groups:
+            names = {"ssl" if id(p) in net else "readout" for p in g["params"]}
+            assert names == {g["name"]}
+            decays = g["name"] == "ssl" and (module is S or all(p.ndim > 1 for p in g["params"]))
+            assert g["weight_decay"] == (1e-5 if decays else 0.0), (module.__name__, g["name"])
+            if module is B:
+                assert g["lars"] == all(p.ndim > 1 for p in g["params"])
+        bn = learner.backbone.bn1.weight
+        assert any(g["weight_decay"] == 1e-5 and any(p is bn for p in g["params"]) for g in groups) == (module is S)
+
+
+def test_lars_matches_the_releases_update():
+    """eta |w| / (|g| + wd |w| + 1e-8), clipped at 1 after dividing by the lr; a zero |w| or |g| leaves the plain
+    gradient, without decay; groups with lars=False get plain momentum SGD."""
+    torch.manual_seed(0)
+    w, still, fresh, b = (nn.Parameter(t) for t in (torch.randn(4, 3), torch.randn(5, 2), torch.zeros(2, 2), torch.randn(3)))
+    g = {w: torch.randn(4, 3), still: torch.zeros(5, 2), fresh: torch.randn(2, 2), b: torch.randn(3)}
+    opt = B.LARS([dict(params=[w, still, fresh]), dict(params=[b], weight_decay=0.0, lars=False)], lr=0.5, momentum=0.9,
+                 weight_decay=1e-2, eta=0.02)
+    before = {p: p.detach().clone() for p in g}
+    for p, grad in g.items():
+        p.grad = grad.clone()
+    opt.step()
+    trust = 0.02 * before[w].norm() / (g[w].norm() + 1e-2 * before[w].norm() + 1e-8)
+    assert 0.01 < trust / 0.5 < 1  # the trust ratio acts here, unclipped
+    torch.testing.assert_close(w.detach(), before[w] - 0.5 * (g[w] + 1e-2 * before[w]) * (trust / 0.5))
+    torch.testing.assert_close(still.detach(), before[still])  # |g| = 0: no step, and no decay either
+    torch.testing.assert_close(fresh.detach(), -0.5 * g[fresh])  # |w| = 0: the plain gradient
+    torch.testing.assert_close(b.detach(), before[b] - 0.5 * g[b])
 
 
 def small_learner(ema=True, **kw):
@@ -287,7 +356,47 @@ def test_loss_is_the_sum_of_both_view_orders_with_the_stop_gradient_where_it_bel
         torch.testing.assert_close(a, b)
     if ema:
         assert not any(p.requires_grad for p in learner.target.parameters())
-    assert torch.isfinite(ce) and ce > 0
+    # The readout: the mean over both views of the cross-entropy of the labelled images (the release's).
+    f1, f2 = learner.backbone(x1), learner.backbone(x2)
+    want_ce = (F.cross_entropy(learner.readout(f1), y, ignore_index=-1) + F.cross_entropy(learner.readout(f2), y, ignore_index=-1)) / 2
+    torch.testing.assert_close(ce, want_ce.detach())
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_C_takes_each_view_in_turn_and_each_view_is_predicted_with_its_own_W_P(ema):
+    """The release's order: C <- tau C + (1 - tau) S1, view 1 predicted from it; then C <- tau C + (1 - tau) S2,
+    view 2 predicted from that; so C ends at tau^2 C0 + tau (1 - tau) S1 + (1 - tau) S2."""
+    tau = 0.5
+    learner = small_learner(ema, predictor="directpred", tau_c=tau)
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    C0 = A @ A.T / 16
+    learner.predictor.C.copy_(C0)
+    seen = []
+    real = learner.predictor.forward
+    learner.predictor.forward = lambda z: (seen.append((z.detach().clone(), learner.predictor.W.clone())), real(z))[1]
+    x1, x2 = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 16, generator=g)
+    _, ssl, _, _, _ = learner(x1, x2, torch.zeros(6, dtype=torch.long))
+
+    z1, z2 = (learner.projector(learner.backbone(x)).detach() for x in (x1, x2))
+    with torch.no_grad():
+        t1, t2 = (learner.target(x1), learner.target(x2)) if ema else (z1, z2)
+    S1, S2 = (z.double().T @ z.double() / len(z) for z in (z1, z2))
+    after1 = tau * C0 + (1 - tau) * S1
+    after2 = tau * after1 + (1 - tau) * S2
+
+    def W_of(Cm):  # DirectPred: W_P = U diag((s / max s)^0.5) U^T
+        s, U = torch.linalg.eigh(Cm)
+        return (U * (s.clamp_min(0) / s.max()).sqrt()) @ U.T
+    torch.testing.assert_close(learner.predictor.C, after2)
+    torch.testing.assert_close(after2, tau**2 * C0 + tau * (1 - tau) * S1 + (1 - tau) * S2)
+    assert len(seen) == 2
+    for (z, W), want_z, C_then in zip(seen, (z1, z2), (after1, after2)):
+        torch.testing.assert_close(z, want_z)
+        torch.testing.assert_close(W, W_of(C_then))
+    assert not torch.allclose(seen[0][1], seen[1][1], atol=1e-3)  # two different W_P in one step
+    p1, p2 = (z @ W.float() for z, W in ((z1, seen[0][1]), (z2, seen[1][1])))
+    torch.testing.assert_close(ssl, C.cosine_loss(p1, t2) + C.cosine_loss(p2, t1))
 
 
 # --- several processes --------------------------------------------------------------------------

@@ -128,7 +128,7 @@ class ClosedFormPredictor(nn.Module):
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> None:
         batch = correlation_batch(z)
-        # One host sync per step; eigh below synchronises on CUDA anyway. Checked after the
+        # One host sync per update (per view); eigh below synchronises on CUDA anyway. Checked after the
         # all-reduce so that every rank raises together instead of one rank hanging.
         if not torch.isfinite(batch).all():
             raise FloatingPointError("ClosedFormPredictor.update: the projector outputs contain NaN or Inf; C was left unchanged")
@@ -138,8 +138,10 @@ class ClosedFormPredictor(nn.Module):
         s_max = s.max()
         # torch.where instead of `if s_max > 0` keeps this free of another host sync.
         s_hat = torch.where(s_max > 0, s.clamp_min(0) / s_max, torch.ones_like(s)) + self.eps
-        self.W.copy_((U * s_hat.pow(self.alpha)) @ U.T)
-        self.W_sqrt.copy_((U * s_hat.pow(self.alpha / 2)) @ U.T)
+        # New tensors, not copies into the old ones: the previous view's graph may still hold W (in float64
+        # forward uses W itself), and an in-place write would corrupt that view's backward.
+        self.W = (U * s_hat.pow(self.alpha)) @ U.T
+        self.W_sqrt = (U * s_hat.pow(self.alpha / 2)) @ U.T
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # W_P is symmetric, so z @ W_P is (W_P z^T)^T row by row.

@@ -1,6 +1,6 @@
 """The data of train_byol.py, train_simsiam.py and linear_eval.py:
 
-  load_dataset, eval_transform    cifar10, cifar100, stl10, tinyimagenet, imagefolder, digits; the test-time view
+  load_dataset, eval_transform    cifar10, cifar100, stl10, tinyimagenet, imagefolder, digits, fashionmnist; the test view
   ViewSpec, view_specs, pil_view  one view's augmentation (SPEC section 6), on PIL images in loader workers
   batched_view, device_views      the same distributions, drawn per image on a uint8 batch on the device
   TwoViews, EpochBatches          augmentations and batch order that are functions of (seed, epoch, index)
@@ -24,7 +24,8 @@ from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
 
 # Default crop size of each data set (its native resolution; imagefolder is resized to it).
-CROP_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tinyimagenet": 64, "imagefolder": 64, "digits": 32}
+CROP_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tinyimagenet": 64, "imagefolder": 64, "digits": 32,
+             "fashionmnist": 28}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -78,12 +79,15 @@ def load_dataset(name: str, root: str | Path, split: str, transform=None, downlo
     """(image, label) pairs. split: 'pretrain' (STL-10: train+unlabeled, label -1 if unlabeled),
     'train' (labelled), 'test' (imagefolder/tinyimagenet: val). cifar10/cifar100/stl10: torchvision's
     readers under root; tinyimagenet: the extracted tiny-imagenet-200 (val/ through val_annotations.txt,
-    or as class folders); imagefolder: root/train/<class>/*, root/val/<class>/*; digits: no root."""
+    or as class folders); imagefolder: root/train/<class>/*, root/val/<class>/*; digits: no root;
+    fashionmnist: the four IDX files (see FashionMNIST)."""
     if split not in ("pretrain", "train", "test"):
         raise ValueError(f"unknown split {split!r}")
     root = Path(root)
     if name == "digits":  # ships with scikit-learn: nothing to download
         return Digits(split, transform)
+    if name == "fashionmnist":
+        return FashionMNIST(root, split, transform, download)
     if name in _OFFICIAL:
         folder, archive = _OFFICIAL[name]
         if not download and not (root / folder).is_dir():
@@ -124,10 +128,21 @@ def _tiny_imagenet_val(root: Path, transform):
     return ds
 
 
-class Digits(torch.utils.data.Dataset):
+class InMemory(torch.utils.data.Dataset):
+    """Images held as one uint8 array `data` (N, H, W, 3) with `targets`, like torchvision's CIFAR: the
+    device augmentation path (images_as_tensor) takes the array as it is."""
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        image = Image.fromarray(self.data[i])
+        return (image if self.transform is None else self.transform(image)), self.targets[i]
+
+
+class Digits(InMemory):
     """scikit-learn's bundled handwritten digits: 1,797 real 8x8 scans (no download), upsampled
-    (bilinear) to 32x32 RGB uint8 and held in memory like CIFAR (`data` (N, 32, 32, 3), `targets`),
-    in a fixed stratified split: 1,300 train ('pretrain' and 'train') and 497 test images."""
+    (bilinear) to 32x32 RGB, in a fixed stratified split: 1,300 train ('pretrain' and 'train') and 497 test."""
 
     classes = [str(d) for d in range(10)]
 
@@ -145,12 +160,52 @@ class Digits(torch.utils.data.Dataset):
         self.data = x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
         self.targets, self.transform = d.target[index].tolist(), transform
 
-    def __len__(self):
-        return len(self.targets)
 
-    def __getitem__(self, i):
-        image = Image.fromarray(self.data[i])
-        return (image if self.transform is None else self.transform(image)), self.targets[i]
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (the MNIST format: magic 0x0000080N, N big-endian sizes, the bytes), gzipped or not."""
+    import gzip
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        magic, nd = int.from_bytes(raw[:4], "big"), raw[3]
+        shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+        if magic >> 8 != 0x08 or not 1 <= nd <= 3 or len(raw) != 4 + 4 * nd + math.prod(shape):
+            raise ValueError(f"not an IDX file of bytes of the size its header gives ({len(raw)} bytes)")
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: cannot be read as an IDX file ({e}); replace it with the official file") from None
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * nd).reshape(shape)
+
+
+class FashionMNIST(InMemory):
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 train ('pretrain' and 'train') and 10,000 test 28x28 grayscale
+    images of garments in 10 classes, from the official IDX files (gzipped or not), held as RGB. Looked for in
+    ROOT, ROOT/FashionMNIST/raw (torchvision's download layout) and /usr/share/datasets/fashion-mnist (Debian's
+    package dataset-fashion-mnist); --download fetches them with torchvision."""
+
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+    def __init__(self, root: Path, split: str, transform=None, download: bool = False):
+        prefix = "t10k" if split == "test" else "train"
+        folders = [root, root / "FashionMNIST" / "raw", self.DEBIAN]
+
+        def find(kind: str) -> Path | None:
+            names = (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte{ext}" for ext in ("", ".gz"))
+            return next((f / n for n in names for f in folders if (f / n).is_file()), None)
+        if find("images") is None and download:
+            try:
+                D.FashionMNIST(str(root), train=split != "test", download=True)
+            except Exception as e:
+                raise DataError(f"fashionmnist could not be downloaded into {root} ({type(e).__name__}: {e})") from e
+        images, labels = find("images"), find("labels")
+        if images is None or labels is None:
+            raise DataError(f"fashionmnist not found: no {prefix}-images-idx3-ubyte(.gz) and {prefix}-labels-idx1-ubyte(.gz) "
+                            f"in {', '.join(map(str, folders))}. Pass --download (needs internet), or on Debian/Ubuntu: "
+                            "apt-get install dataset-fashion-mnist")
+        x, y = read_idx(images), read_idx(labels)
+        if x.ndim != 3 or y.shape != (len(x),):
+            raise DataError(f"{images}, {labels}: {x.shape} images with {y.shape} labels; replace them with the official files")
+        self.data = np.ascontiguousarray(np.repeat(x[..., None], 3, axis=-1))
+        self.targets, self.transform = y.astype(np.int64).tolist(), transform
 
 
 # --- Two asymmetric views per image, drawn from (seed, epoch, index) only ----------------------

@@ -70,12 +70,12 @@ from data import CROP_SIZE, DataError  # noqa: E402
 class Args:
     checkpoint: str
     """backbone to evaluate: RUN/backbone.pt, RUN/last.pt, or a torchvision resnet18 state_dict"""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits", "fashionmnist"] = "cifar10"
     """labelled data set: its train split fits the classifier, its test split is reported"""
     data_dir: str = "data"
     """root of the data set (as in the training scripts; imagefolder: DIR with train/ and val/)"""
     download: bool = False
-    """download cifar10 / cifar100 / stl10 into --data-dir if missing (needs internet)"""
+    """download cifar10 / cifar100 / stl10 / fashionmnist into --data-dir if missing (needs internet)"""
     out_dir: str | None = None
     """where linear_eval.json, the classifier and the feature cache go (None: the checkpoint's folder)"""
     device: str = "auto"

@@ -1,7 +1,7 @@
 # --- METHOD (BYOL): what this file trains ---
 """BYOL-style non-contrastive SSL: an EMA target network and LARS. The paper's ResNet-18 runs with a target.
 
-    python train_byol.py [PRESET] [--dataset cifar10|cifar100|stl10|tinyimagenet|imagefolder|digits] [--field VALUE]
+    python train_byol.py [PRESET] [--dataset cifar10|cifar100|stl10|tinyimagenet|imagefolder|digits|fashionmnist] [--field VALUE]
 
 The paper's grid with an EMA target (SPEC section 6; train_simsiam.py has the runs without one):
 
@@ -56,12 +56,13 @@ class Args:
     # --- the run ---
     out_dir: str = ""
     """Run directory (checkpoints, metrics, figures). Default: runs/NAME-DATASET-sSEED."""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits"] = "cifar10"
-    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's."""
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits", "fashionmnist"] = "cifar10"
+    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's;
+    fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)."""
     data_dir: str = "data"
     """Where the data set is (tinyimagenet, imagefolder: the folder that holds train/ and val/)."""
     download: bool = False
-    """Download CIFAR-10/100 or STL-10 into --data-dir if they are missing."""
+    """Download CIFAR-10/100, STL-10 or Fashion-MNIST into --data-dir if they are missing."""
     seed: int = 0
     """Seeds the initialisation, the data order and every augmentation."""
     device: str = "auto"
@@ -98,7 +99,8 @@ class Args:
     pred_hidden: int = 4096
     """MLP predictor hidden size."""
     crop: int | None = None
-    """Crop size of the views. Default: 32 (CIFAR, digits), 96 (STL-10), 64 (TinyImageNet, imagefolder); <= 64: small stem."""
+    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet, imagefolder);
+    <= 32: the small (CIFAR) stem."""
     min_scale: float = 0.08
     """Smallest area of a random resized crop, as a fraction of the image (SPEC 6: 0.08)."""
     blur: tuple[float, float] | None = None
@@ -331,7 +333,7 @@ def ema_update(target: nn.Sequential, online_params, tau: float) -> None:
 
 
 def train_step(model, learner: Learner, optimizer, scaler, x1, x2, y, autocast, tau: float):
-    """Both views forward, backward, both optimisers, then the EMA target follows the online network.
+    """Both views forward, backward, one optimiser step (network and readout), then the EMA target follows the online network.
     Returns the model's outputs (loss, ssl, plain cosine, readout, std); no host synchronisation."""
     with autocast():
         loss, ssl, plain, ce, std = model(x1, x2, y)

@@ -55,12 +55,13 @@ class Args:
     # --- the run ---
     out_dir: str = ""
     """Run directory (checkpoints, metrics, figures). Default: runs/NAME-DATASET-sSEED."""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits"] = "cifar10"
-    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's."""
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits", "fashionmnist"] = "cifar10"
+    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's;
+    fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)."""
     data_dir: str = "data"
     """Where the data set is (tinyimagenet, imagefolder: the folder that holds train/ and val/)."""
     download: bool = False
-    """Download CIFAR-10/100 or STL-10 into --data-dir if they are missing."""
+    """Download CIFAR-10/100, STL-10 or Fashion-MNIST into --data-dir if they are missing."""
     seed: int = 0
     """Seeds the initialisation, the data order and every augmentation."""
     device: str = "auto"
@@ -97,7 +98,8 @@ class Args:
     pred_hidden: int = 4096
     """MLP predictor hidden size."""
     crop: int | None = None
-    """Crop size of the views. Default: 32 (CIFAR, digits), 96 (STL-10), 64 (TinyImageNet, imagefolder); <= 64: small stem."""
+    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet, imagefolder);
+    <= 32: the small (CIFAR) stem."""
     min_scale: float = 0.08
     """Smallest area of a random resized crop, as a fraction of the image (SPEC 6: 0.08)."""
     blur: tuple[float, float] | None = None
@@ -286,7 +288,7 @@ def make_optimizer(args: Args, learner: Learner) -> torch.optim.SGD:
 
 
 def train_step(model, learner: Learner, optimizer, scaler, x1, x2, y, autocast):
-    """Both views forward, backward, both optimisers (there is no target network to update).
+    """Both views forward, backward, one optimiser step (network and readout); there is no target network to update.
     Returns the model's outputs (loss, ssl, plain cosine, readout, std); no host synchronisation."""
     with autocast():
         loss, ssl, plain, ce, std = model(x1, x2, y)

@@ -2,6 +2,8 @@
 unreadable image named in one `error:` line wherever it is read: in the main process and in loader
 workers, in both training scripts and in linear_eval.py."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ import data as D
 import linear_eval as L
 import train_byol as B
 import train_simsiam as S
-from tiny_data import write_cifar10, write_imagefolder
+from tiny_data import write_cifar10, write_fashionmnist, write_imagefolder
 
 
 def test_load_dataset_real_readers(tmp_path):
@@ -36,6 +38,31 @@ def test_missing_data_says_where_and_what_to_do(tmp_path):
         D.load_dataset("cifar10", tmp_path, "train")
 
 
+def test_fashionmnist_reads_the_idx_files_in_every_layout_and_names_what_is_wrong(tmp_path, monkeypatch):
+    """The four IDX files, gzipped (Debian's package) or not (torchvision's download), flat or in
+    torchvision's FashionMNIST/raw; missing or corrupt files give one line that says what to do."""
+    monkeypatch.setattr(D.FashionMNIST, "DEBIAN", tmp_path / "not-installed")
+    with pytest.raises(D.DataError, match=r"fashionmnist not found.*--download.*apt-get install dataset-fashion-mnist"):
+        D.load_dataset("fashionmnist", tmp_path, "train")
+    write_fashionmnist(tmp_path / "flat", n_train_per_class=3, n_test_per_class=1, gz=True)
+    write_fashionmnist(tmp_path / "tv" / "FashionMNIST" / "raw", n_train_per_class=3, n_test_per_class=1, gz=False)
+    for root in (tmp_path / "flat", tmp_path / "tv"):
+        train, test = D.load_dataset("fashionmnist", root, "pretrain"), D.load_dataset("fashionmnist", root, "test")
+        assert (len(train), len(test), len(train.classes)) == (30, 10, 10)
+        assert train.data.shape == (30, 28, 28, 3) and train.data.dtype == np.uint8
+        assert (train.data[..., 0] == train.data[..., 2]).all()  # grayscale, held as RGB
+        img, label = train[0]
+        assert img.size == (28, 28) and train.targets == sorted(train.targets) and label == 0
+        x, y = D.images_as_tensor(train)
+        assert x.shape == (30, 3, 28, 28) and y.tolist() == train.targets
+    monkeypatch.setattr(D.FashionMNIST, "DEBIAN", tmp_path / "flat")  # where the package puts them
+    assert len(D.load_dataset("fashionmnist", tmp_path / "elsewhere", "train")) == 30
+    bad = tmp_path / "flat" / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:20])
+    with pytest.raises(D.DataError, match="t10k-images-idx3-ubyte.gz: cannot be read as an IDX file"):
+        D.load_dataset("fashionmnist", tmp_path / "flat", "test")
+
+
 def test_digits_are_a_fixed_stratified_split_of_real_scans():
     train, test = D.load_dataset("digits", "unused", "pretrain"), D.load_dataset("digits", "unused", "test")
     assert (len(train), len(test)) == (1300, 497) and len(train.classes) == 10
@@ -50,6 +77,20 @@ def test_digits_are_a_fixed_stratified_split_of_real_scans():
     assert image.size == (32, 32) and label == test.targets[0]
     x, y = D.images_as_tensor(train)  # the device augmentation path takes it like CIFAR
     assert x.shape == (1300, 3, 32, 32) and torch.equal(y, torch.tensor(train.targets))
+
+
+def test_fashionmnist_trains_on_the_device_views_and_evaluates(tmp_path):
+    root = write_fashionmnist(tmp_path / "fmnist", n_train_per_class=4, n_test_per_class=2)
+    out = tmp_path / "run"
+    S.main(["isoloss", "--dataset", "fashionmnist", "--data-dir", str(root), "--out-dir", str(out), "--width", "0.0625",
+            "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "8", "--epochs", "1", "--steps-per-epoch", "2",
+            "--warmup-epochs", "0", "--num-workers", "0", "--augment-on", "device", "--crop", "16"])
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 2 and 0 <= record["knn_top1"] <= 100
+    assert json.loads((out / "backbone.json").read_text())["small_stem"]
+    result = L.main(L.Args(checkpoint=str(out / "backbone.pt"), dataset="fashionmnist", data_dir=str(root), num_workers=0,
+                           crop=16, out_dir=str(tmp_path / "eval")))
+    assert 0 <= result["offline_linear"]["top1"] <= 100
 
 
 @pytest.fixture

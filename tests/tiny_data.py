@@ -58,3 +58,21 @@ def write_imagefolder(root, n_classes=4, n_train_per_class=8, n_val_per_class=4,
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(d / f"{i}.png")
     return root
+
+
+def write_fashionmnist(root, n_train_per_class=4, n_test_per_class=2, gz=True, seed=0) -> Path:
+    """root/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]: Fashion-MNIST's IDX format, 28 x 28 grayscale."""
+    import gzip
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n, s in (("train", n_train_per_class, seed), ("t10k", n_test_per_class, seed + 1)):
+        x, y = class_images(n, 10, 28, s)
+        for kind, arr in (("images-idx3", x.mean(-1).astype(np.uint8)), ("labels-idx1", y.astype(np.uint8))):
+            header = (0x0800 + arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            raw = header + arr.tobytes()
+            name = root / f"{prefix}-{kind}-ubyte"
+            if gz:
+                name.with_name(name.name + ".gz").write_bytes(gzip.compress(raw))
+            else:
+                name.write_bytes(raw)
+    return root

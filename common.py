@@ -332,6 +332,11 @@ def resnet18(width: float = 1.0, small_stem: bool = True) -> ResNet18:
     return ResNet18(width, small_stem)
 
 
+def uses_small_stem(crop: int) -> bool:
+    """The release uses its small stem for CIFAR's 32 pixels only; TinyImageNet's 64 keep torchvision's."""
+    return crop <= 32
+
+
 # --- Plumbing --------------------------------------------------------------------------------
 
 

@@ -230,10 +230,16 @@ class ViewSpec:
         return 2 * (self.crop // 20) + 1
 
 
-def view_specs(crop: int, blur: tuple[float, float], min_scale: float = 0.08) -> tuple[ViewSpec, ViewSpec]:
-    """SPEC 6: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur; view 2 adds solarisation (p 0.2)."""
-    return (ViewSpec(crop, (min_scale, 1.0), blur_p=blur[0]),
-            ViewSpec(crop, (min_scale, 1.0), blur_p=blur[1], solarize_p=0.2))
+# Data sets of grayscale images, held as RGB: saturation, hue and grayscale conversion do nothing to them.
+GRAYSCALE = {"digits", "fashionmnist"}
+
+
+def view_specs(crop: int, blur: tuple[float, float], min_scale: float = 0.08, grayscale: bool = False) -> tuple[ViewSpec, ViewSpec]:
+    """SPEC 6: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur; view 2 adds solarisation (p 0.2).
+    grayscale: only the jitter's brightness and contrast, which are all of it that acts on a gray image."""
+    colour = dict(jitter=(0.4, 0.4, 0.0, 0.0), gray_p=0.0) if grayscale else {}
+    return (ViewSpec(crop, (min_scale, 1.0), blur_p=blur[0], **colour),
+            ViewSpec(crop, (min_scale, 1.0), blur_p=blur[1], solarize_p=0.2, **colour))
 
 
 def pil_view(spec: ViewSpec, normalize: bool = True):
@@ -369,7 +375,7 @@ def _jitter(x, spec, gen):
     apply = torch.rand(n, generator=gen, device=device) < spec.jitter_p
     col = lambda v: v[:, None, None, None]  # noqa: E731
     for slot in range(4):
-        for op in range(4):
+        for op in (op for op in range(4) if spec.jitter[op] > 0):  # a zero strength is the identity: skip its work
             sel = col(apply & (order[:, slot] == op))
             f = factors[op]
             if op == 0:

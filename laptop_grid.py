@@ -137,7 +137,7 @@ def references(args: Args) -> dict:
         path = Path(args.out_dir) / f"random-init-s{seed}" / "backbone.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)  # as train_*.py does before building the Learner, whose backbone comes first
-        C.atomic_save(C.resnet18(preset.width, crop <= 64).state_dict(), path)
+        C.atomic_save(C.resnet18(preset.width, C.uses_small_stem(crop)).state_dict(), path)
         out[seed] = L.main(L.Args(checkpoint=str(path), dataset="digits", num_workers=0, crop=crop))
     view = D.eval_transform("digits", crop)
     (x, y), (xt, yt) = ((torch.stack([view(im) for im, _ in ds]).flatten(1), torch.tensor(ds.targets))

@@ -165,6 +165,11 @@ PRESETS = {
                  Args(name="simsiam-cpu-demo", predictor="directpred", isoloss=True, dataset="digits", crop=16,
                       width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20, warmup_epochs=1,
                       num_workers=0, augment_on="device", eval_every=2, log_every=10)),
+    "laptop": ("Long laptop run on Fashion-MNIST (IsoLoss, a quarter width, 16-pixel crops, 2,400 steps): the regime of the "
+               "paper's Figs. 3, 7 and 8 (paper_figures.py runs the sets); the paper's optimiser settings.",
+               Args(name="simsiam-laptop", predictor="directpred", isoloss=True, dataset="fashionmnist", crop=16, min_scale=0.2,
+                    width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=24, steps_per_epoch=100,
+                    warmup_epochs=2, num_workers=0, augment_on="device", eval_every=4, log_every=100)),
 }
 # --- END METHOD ---
 
@@ -369,7 +374,7 @@ def train(args: Args) -> Learner:
     ckpt = R.open_run(out, settings)
 
     torch.manual_seed(args.seed)
-    small_stem = crop <= 32  # the release's CIFAR stem; TinyImageNet (64) and STL-10 (96) keep torchvision's
+    small_stem = C.uses_small_stem(crop)
     learner = Learner(args, len(test_set.classes), small_stem).to(device)
     if cuda:
         learner = learner.to(memory_format=torch.channels_last)
@@ -397,7 +402,7 @@ def train(args: Args) -> Learner:
     model = torch.compile(model) if args.compile else model
 
     # The loaders are made once; the training loader's worker processes (if any) live across epochs.
-    specs = D.view_specs(crop, blur, args.min_scale)
+    specs = D.view_specs(crop, blur, args.min_scale, grayscale=args.dataset in D.GRAYSCALE)
     batches = D.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
     train_loader = None if args.augment_on == "device" else D.loader(
         D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), args.num_workers, cuda, True, batch_sampler=batches)

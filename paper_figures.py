@@ -1,0 +1,235 @@
+"""The paper's deep-network figures from our own runs: it runs what is missing, then draws.
+
+    python paper_figures.py                        # Figs. 3 and 7, the laptop set on Fashion-MNIST (7 runs)
+    python paper_figures.py --figures 8            # Fig. 8, the laptop set (4 more runs)
+    python paper_figures.py --scale paper --dataset cifar10 --jobs 1   # the paper's runs (1,000 epochs each: a GPU)
+    python paper_figures.py --draw-only            # redraw from the run directories as they are now
+
+  Fig. 3  rows Euclidean / cosine loss, columns DirectPred / IsoLoss / BYOL's MLP predictor, all with the
+          EMA target: the eigenvalues of the predictor's running C per step (log axis), and the k-NN
+          monitor per evaluation.
+  Fig. 7  IsoLoss with and without the EMA target (cosine).
+  Fig. 8  weight decay 4e-4 / 1e-5 / 1e-6 for DirectPred and IsoLoss (cosine, EMA target).
+
+Each run is a preset of a training script with the method's predictor, loss and weight decay and
+nothing else changed: `python train_byol.py laptop --predictor P [--isoloss] [--loss L] [--weight-decay W]`
+(with the EMA target) or `python train_simsiam.py laptop --isoloss` (without); with --scale paper the
+script's own paper preset on --dataset instead of `laptop`. Then `python linear_eval.py` on its backbone,
+and once the same backbone at random initialisation. A finished run is not run again and an
+interrupted one resumes (the training scripts resume from last.pt): the same command continues.
+
+Written to --out-dir (default runs/paper_figures/DATASET-SCALE/): fig3.png, fig7.png, fig8.png (those
+asked for), figures.json (per run: its command, k-NN and linear top-1 from linear_eval.py, std(z/|z|),
+the share of the mean in z, and how many eigenvalues of C lie within a factor 10 of the largest, at
+the end and at every epoch), figures.md (the same as a table), and one run directory per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from laptop_grid import cpu_name, execute
+
+REPO = Path(__file__).resolve().parent
+ROWS = {"directpred": ("DirectPred", ["--predictor", "directpred", "--no-isoloss"]),
+        "isoloss": ("IsoLoss", ["--predictor", "directpred", "--isoloss"]),
+        "mlp": ("BYOL (MLP predictor)", ["--predictor", "mlp", "--no-isoloss"])}
+DECAYS = (4e-4, 1e-5, 1e-6)  # Fig. 8; 1e-5 is every preset's
+
+
+def run_name(method: str, loss: str = "cosine", ema: bool = True, wd: float = 1e-5) -> str:
+    return f"{loss}-{method}-{'ema' if ema else 'noema'}" + ("" if wd == 1e-5 else f"-wd{wd:g}")
+
+
+def figure_runs(figure: str) -> list[tuple[str, str, bool, float]]:
+    """(method, loss, ema, weight decay) of every run a figure draws."""
+    if figure == "3":
+        return [(m, loss, True, 1e-5) for loss in ("euclidean", "cosine") for m in ROWS]
+    if figure == "7":
+        return [("isoloss", "cosine", ema, 1e-5) for ema in (True, False)]
+    return [(m, "cosine", True, wd) for m in ("directpred", "isoloss") for wd in DECAYS]
+
+
+@dataclass
+class Args:
+    figures: tuple[Literal["3", "7", "8"], ...] = ("3", "7")
+    """which figures to run and draw"""
+    scale: Literal["laptop", "paper"] = "laptop"
+    """laptop: the `laptop` preset of each script (Fashion-MNIST, minutes a run on 2 cores); paper: the paper's settings"""
+    dataset: str = ""
+    """data set of the runs (default: fashionmnist for the laptop, cifar10 for the paper)"""
+    data_dir: str = "data"
+    """passed to the training scripts and linear_eval.py"""
+    out_dir: str = ""
+    """where the figures and the run directories go (default runs/paper_figures/DATASET-SCALE)"""
+    jobs: int = 2
+    """training runs at a time, one thread each (2 on a 2-core machine; 1 per GPU)"""
+    train_args: str = ""
+    """more options for every training run, e.g. "--epochs 4" for a quick look (figures.json records them)"""
+    draw_only: bool = False
+    """draw from the run directories as they are (runs not started yet are left out)"""
+
+
+def plan(args: Args) -> tuple[Path, str, list[dict]]:
+    dataset = args.dataset or ("fashionmnist" if args.scale == "laptop" else "cifar10")
+    out = Path(args.out_dir or f"runs/paper_figures/{dataset}-{args.scale}")
+    jobs, seen = [], set()
+    for fig in args.figures:
+        for method, loss, ema, wd in figure_runs(fig):
+            name = run_name(method, loss, ema, wd)
+            if name in seen:
+                continue
+            seen.add(name)
+            script = "train_byol.py" if ema else "train_simsiam.py"
+            preset = "laptop" if args.scale == "laptop" else ("byol" if ema else "simsiam")
+            train = [sys.executable, script, preset, *ROWS[method][1], "--loss", loss, "--weight-decay", f"{wd:g}",
+                     "--dataset", dataset, "--data-dir", args.data_dir, "--out-dir", str(out / name), "--log-every", "1000",
+                     *shlex.split(args.train_args)]
+            lin = [sys.executable, "linear_eval.py", "--checkpoint", str(out / name / "backbone.pt"), "--dataset", dataset,
+                   "--data-dir", args.data_dir, "--num-workers", "0"]
+            jobs.append(dict(name=name, method=method, loss=loss, ema=ema, wd=wd, dir=out / name, cmds=[train, lin]))
+    return out, dataset, jobs
+
+
+def random_init(out: Path, dataset: str, job: dict, args: Args) -> dict:
+    """linear_eval.py on the backbone a run starts from (the training scripts seed, then build it first)."""
+    import torch
+    import common as C
+    import linear_eval as L
+    config = json.loads((job["dir"] / "config.json").read_text())
+    crop = config["crop"] or __import__("data").CROP_SIZE[dataset]
+    path = out / "random-init" / "backbone.pt"
+    if not (out / "random-init" / "linear_eval.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config["seed"])
+        C.atomic_save(C.resnet18(config["width"], C.uses_small_stem(crop)).state_dict(), path)
+        L.main(L.Args(checkpoint=str(path), dataset=dataset, data_dir=args.data_dir, num_workers=0, crop=crop))
+    return json.loads((out / "random-init" / "linear_eval.json").read_text())
+
+
+def near_top(eigenvalues: list[float], factor: float = 10.0) -> int:
+    """How many eigenvalues of C lie within `factor` of the largest: the directions W_P lets through."""
+    top = max(eigenvalues)
+    return sum(1 for s in eigenvalues if s * factor >= top) if top > 0 else 0
+
+
+def collect(job: dict) -> dict | None:
+    """A run's numbers, or None before its first epoch; linear_eval.py's once it has run."""
+    path = job["dir"] / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not records:
+        return None
+    last = records[-1]
+    lin = job["dir"] / "linear_eval.json"
+    lin = json.loads(lin.read_text()) if lin.exists() else None
+    return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
+                command=" ".join(map(str, job["cmds"][0][1:])), step=last["step"], epochs=last["epoch"],
+                knn=None if lin is None else 100 * lin["knn"]["results"]["k=20"]["top1"],
+                linear=None if lin is None else 100 * lin["offline_linear"]["top1"],
+                std=last["std_normalized_z"], healthy_std=1 / math.sqrt(len(last["eigenvalues"])),
+                mean_share_z=next((r["mean_share_z"] for r in reversed(records) if r.get("mean_share_z") is not None), None),
+                collapse_warning=last["collapse_warning"], near_top=near_top(last["eigenvalues"]),
+                near_top_by_step=[[r["step"], near_top(r["eigenvalues"])] for r in records],
+                knn_monitor=[[r["step"], r["knn_top1"]] for r in records if r.get("knn_top1") is not None],
+                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"])
+
+
+def table(results: dict, ref: dict | None, header: str) -> str:
+    rows = ["| run | steps | k-NN top-1 | linear top-1 | std(z/\\|z\\|) | mean share of z | eigenvalues within 10x of the largest | collapse warning | train time (s) |",
+            "|" + "---|" * 9]
+    fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+    for r in results.values():
+        rows.append(f"| `{r['name']}` | {r['step']} | {fmt(r['knn'])} | {fmt(r['linear'])} | {r['std']:.3f} | "
+                    f"{fmt(r['mean_share_z'], '{:.2f}')} | {r['near_top']} | {'yes' if r['collapse_warning'] else 'no'} | "
+                    f"{r['wall_time_s']:.0f} |")
+    if ref is not None:
+        rows.append(f"| random init (same backbone) | 0 | {100 * ref['knn']['results']['k=20']['top1']:.1f} | "
+                    f"{100 * ref['offline_linear']['top1']:.1f} | - | - | - | - | - |")
+    return "\n".join([header, "", *rows])
+
+
+def draw(figure: str, results: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    if figure == "3":
+        grid = [[run_name(m, loss) for m in ROWS] for loss in ("euclidean", "cosine")]
+        labels = [[f"{loss}: {ROWS[m][0]}" for m in ROWS] for loss in ("euclidean", "cosine")]
+    elif figure == "7":
+        grid = [[run_name("isoloss", ema=True), run_name("isoloss", ema=False)]]
+        labels = [["IsoLoss, with the EMA target", "IsoLoss, without (SimSiam-style)"]]
+    else:
+        grid = [[run_name(m, wd=wd) for wd in DECAYS] for m in ("directpred", "isoloss")]
+        labels = [[f"{ROWS[m][0]}, weight decay {wd:g}" for wd in DECAYS] for m in ("directpred", "isoloss")]
+    cols = len(grid[0]) + 1
+    fig, axes = plt.subplots(len(grid), cols, figsize=(4.2 * cols, 3.4 * len(grid)), squeeze=False)
+    for i, row in enumerate(grid):
+        for j, name in enumerate(row):
+            ax, r = axes[i, j], results.get(name)
+            ax.set(yscale="log", xlabel="step", ylabel="eigenvalue of C")
+            ax.set_title(labels[i][j] + ("" if r else " (not run yet)"), fontsize=9)
+            if r:
+                steps = np.array([s for s, _ in r["spectrum"]])
+                values = np.clip(np.array([v for _, v in r["spectrum"]]), 1e-12, None)
+                for k in range(values.shape[1]):
+                    ax.plot(steps, values[:, k], color=plt.cm.viridis(k / max(1, values.shape[1] - 1)), lw=0.7)
+                ax.text(0.02, 0.02, f"{r['near_top']} within 10x of the largest", transform=ax.transAxes, fontsize=8)
+        ax = axes[i, -1]
+        for j, name in enumerate(row):
+            if results.get(name) and results[name]["knn_monitor"]:
+                steps, knn = zip(*results[name]["knn_monitor"])
+                ax.plot(steps, knn, "o-", ms=3, color=f"C{j}", label=labels[i][j])
+        ax.set(xlabel="step", ylabel="k-NN top-1 (%)")
+        ax.set_title("k-NN monitor (test split, 10,000 train images as bank)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    if args.jobs < 1:
+        raise SystemExit("error: --jobs must be >= 1")
+    out, dataset, jobs = plan(args)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not args.draw_only:
+        todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists()]
+        print(f"paper figures {', '.join(args.figures)}: {len(jobs)} runs ({len(jobs) - len(todo)} done already), "
+              f"{args.jobs} at a time, on {cpu_name()} -> {out}", flush=True)
+        execute(todo, args.jobs)
+    results = {r["name"]: r for r in map(collect, jobs) if r is not None}
+    started = [j for j in jobs if j["name"] in results]
+    ref = random_init(out, dataset, started[0], args) if started and not args.draw_only else None
+    if ref is None and (out / "random-init" / "linear_eval.json").exists():
+        ref = json.loads((out / "random-init" / "linear_eval.json").read_text())
+    title = f"{dataset}, {args.scale} scale{f' ({args.train_args})' if args.train_args else ''}; on {cpu_name()}"
+    for fig in args.figures:
+        draw(fig, results, out / f"fig{fig}.png", f"Fig. {fig}: {title}")
+    header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
+              f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {cpu_name()}, "
+              f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py on the test split.")
+    (out / "figures.md").write_text(table(results, ref, header) + "\n")
+    (out / "figures.json").write_text(json.dumps(dict(runs=results, random_init=ref, cpu=cpu_name(), dataset=dataset,
+                                                      scale=args.scale, train_args=args.train_args,
+                                                      minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
+    print(table(results, ref, header) + f"\n\nwrote {', '.join(f'fig{f}.png' for f in args.figures)}, figures.md, "
+          f"figures.json in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args, description=__doc__))

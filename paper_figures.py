@@ -2,6 +2,7 @@
 
     python paper_figures.py                        # Figs. 3 and 7, the laptop set on Fashion-MNIST (7 runs)
     python paper_figures.py --figures 8            # Fig. 8, the laptop set (4 more runs)
+    python paper_figures.py --figures ablations    # SimSiam without predictor / stop-gradient (2 runs)
     python paper_figures.py --scale paper --dataset cifar10 --jobs 1   # the paper's runs (1,000 epochs each: a GPU)
     python paper_figures.py --draw-only            # redraw from the run directories as they are now
 
@@ -18,8 +19,8 @@ script's own paper preset on --dataset instead of `laptop`. Then `python linear_
 and once the same backbone at random initialisation. A finished run is not run again and an
 interrupted one resumes (the training scripts resume from last.pt): the same command continues.
 
-Written to --out-dir (default runs/paper_figures/DATASET-SCALE/): fig3.png, fig7.png, fig8.png (those
-asked for), figures.json (per run: its command, k-NN and linear top-1 from linear_eval.py, std(z/|z|),
+Written to --out-dir (default runs/paper_figures/DATASET-SCALE/): fig3.png, fig7.png, fig8.png,
+ablations.png (those asked for), figures.json (per run: its command, k-NN and linear top-1 from linear_eval.py, std(z/|z|),
 the share of the mean in z, and how many eigenvalues of C lie within a factor 10 of the largest, at
 the end and at every epoch), figures.md (the same as a table), and one run directory per run.
 """
@@ -40,7 +41,10 @@ from laptop_grid import cpu_name, execute
 REPO = Path(__file__).resolve().parent
 ROWS = {"directpred": ("DirectPred", ["--predictor", "directpred", "--no-isoloss"]),
         "isoloss": ("IsoLoss", ["--predictor", "directpred", "--isoloss"]),
-        "mlp": ("BYOL (MLP predictor)", ["--predictor", "mlp", "--no-isoloss"])}
+        "mlp": ("BYOL (MLP predictor)", ["--predictor", "mlp", "--no-isoloss"]),
+        "no-predictor": ("ablation: no predictor", ["--predictor", "none", "--no-isoloss"]),
+        "no-stop-grad": ("ablation: no stop-gradient", ["--predictor", "mlp", "--no-isoloss", "--no-stop-grad"])}
+FIG3 = ("directpred", "isoloss", "mlp")  # its columns
 DECAYS = (4e-4, 1e-5, 1e-6)  # Fig. 8; 1e-5 is every preset's
 
 
@@ -48,19 +52,25 @@ def run_name(method: str, loss: str = "cosine", ema: bool = True, wd: float = 1e
     return f"{loss}-{method}-{'ema' if ema else 'noema'}" + ("" if wd == 1e-5 else f"-wd{wd:g}")
 
 
+def figure_file(figure: str) -> str:
+    return f"fig{figure}.png" if figure.isdigit() else f"{figure}.png"
+
+
 def figure_runs(figure: str) -> list[tuple[str, str, bool, float]]:
     """(method, loss, ema, weight decay) of every run a figure draws."""
     if figure == "3":
-        return [(m, loss, True, 1e-5) for loss in ("euclidean", "cosine") for m in ROWS]
+        return [(m, loss, True, 1e-5) for loss in ("euclidean", "cosine") for m in FIG3]
     if figure == "7":
         return [("isoloss", "cosine", ema, 1e-5) for ema in (True, False)]
+    if figure == "ablations":  # SimSiam's collapse ablations: what a collapse looks like in the same set-up
+        return [(m, "cosine", False, 1e-5) for m in ("no-predictor", "no-stop-grad")]
     return [(m, "cosine", True, wd) for m in ("directpred", "isoloss") for wd in DECAYS]
 
 
 @dataclass
 class Args:
-    figures: tuple[Literal["3", "7", "8"], ...] = ("3", "7")
-    """which figures to run and draw"""
+    figures: tuple[Literal["3", "7", "8", "ablations"], ...] = ("3", "7")
+    """which figures to run and draw (ablations: SimSiam without predictor / stop-gradient, for comparison)"""
     scale: Literal["laptop", "paper"] = "laptop"
     """laptop: the `laptop` preset of each script (Fashion-MNIST, minutes a run on 2 cores); paper: the paper's settings"""
     dataset: str = ""
@@ -161,11 +171,14 @@ def draw(figure: str, results: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     if figure == "3":
-        grid = [[run_name(m, loss) for m in ROWS] for loss in ("euclidean", "cosine")]
-        labels = [[f"{loss}: {ROWS[m][0]}" for m in ROWS] for loss in ("euclidean", "cosine")]
+        grid = [[run_name(m, loss) for m in FIG3] for loss in ("euclidean", "cosine")]
+        labels = [[f"{loss}: {ROWS[m][0]}" for m in FIG3] for loss in ("euclidean", "cosine")]
     elif figure == "7":
         grid = [[run_name("isoloss", ema=True), run_name("isoloss", ema=False)]]
         labels = [["IsoLoss, with the EMA target", "IsoLoss, without (SimSiam-style)"]]
+    elif figure == "ablations":
+        grid = [[run_name(m, ema=False) for m in ("no-predictor", "no-stop-grad")]]
+        labels = [[ROWS[m][0] + " (without EMA)" for m in ("no-predictor", "no-stop-grad")]]
     else:
         grid = [[run_name(m, wd=wd) for wd in DECAYS] for m in ("directpred", "isoloss")]
         labels = [[f"{ROWS[m][0]}, weight decay {wd:g}" for wd in DECAYS] for m in ("directpred", "isoloss")]
@@ -216,7 +229,7 @@ def main(args: Args) -> dict:
         ref = json.loads((out / "random-init" / "linear_eval.json").read_text())
     title = f"{dataset}, {args.scale} scale{f' ({args.train_args})' if args.train_args else ''}; on {cpu_name()}"
     for fig in args.figures:
-        draw(fig, results, out / f"fig{fig}.png", f"Fig. {fig}: {title}")
+        draw(fig, results, out / figure_file(fig), f"{'Fig. ' + fig if fig.isdigit() else 'Collapse ablations'}: {title}")
     header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
               f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {cpu_name()}, "
               f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py on the test split.")
@@ -224,7 +237,7 @@ def main(args: Args) -> dict:
     (out / "figures.json").write_text(json.dumps(dict(runs=results, random_init=ref, cpu=cpu_name(), dataset=dataset,
                                                       scale=args.scale, train_args=args.train_args,
                                                       minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
-    print(table(results, ref, header) + f"\n\nwrote {', '.join(f'fig{f}.png' for f in args.figures)}, figures.md, "
+    print(table(results, ref, header) + f"\n\nwrote {', '.join(map(figure_file, args.figures))}, figures.md, "
           f"figures.json in {out}")
     return results
 

@@ -19,6 +19,7 @@ batch/256, weight decay 1e-5, EMA momentum 0.99 -> 1 (cosine), tau_c 0.998, batc
 Laptop trial on real images that need no download (scikit-learn's digits, minutes on two cores):
 
     python train_byol.py cpu-demo
+    python train_byol.py laptop       # the long laptop run on Fashion-MNIST (paper_figures.py runs the figure sets)
 
 The run directory (--out-dir, default runs/NAME-DATASET-sSEED) gets config.json, metrics.jsonl (a
 line per epoch: see rundir.epoch_record), eigenvalues.png, online_readout.png, last.pt (atomically, every

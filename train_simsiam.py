@@ -18,6 +18,7 @@ data/tiny-imagenet-200 (crop 64); --download fetches CIFAR and STL-10. Every pre
 batch/256, momentum 0.9, weight decay 1e-5, tau_c 0.5, batch 256, 1000 epochs. On a laptop:
 
     python train_simsiam.py cpu-demo
+    python train_simsiam.py laptop       # the long laptop run on Fashion-MNIST (paper_figures.py runs the figure sets)
 
 The run directory (--out-dir, default runs/NAME-DATASET-sSEED) gets config.json, metrics.jsonl (a
 line per epoch: see rundir.epoch_record), eigenvalues.png, online_readout.png, last.pt (atomically, every

@@ -22,7 +22,7 @@ import common as C
 import rundir as R
 import train_byol as B
 import train_simsiam as S
-from tiny_data import write_cifar10, write_imagefolder
+from tiny_data import write_cifar10, write_fashionmnist, write_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for CPU tests, large enough for BatchNorm and a spectrum.
@@ -41,11 +41,13 @@ pytestmark = pytest.mark.usefixtures("no_onednn")  # see conftest.py
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     return dict(cifar=write_cifar10(root / "cifar", n_train_per_class=4, n_test_per_class=2),
+                fmnist=write_fashionmnist(root / "fmnist", n_train_per_class=2, n_test_per_class=1),
                 folder=write_imagefolder(root / "folder", n_classes=4, n_train_per_class=16, n_val_per_class=2, size=32))
 
 
 def tiny(preset, data, dataset: str, out: Path, **kw):
     where = {"cifar10": dict(dataset="cifar10", data_dir=str(data["cifar"])), "digits": dict(dataset="digits"),
+             "fashionmnist": dict(dataset="fashionmnist", data_dir=str(data["fmnist"])),
              "imagefolder": dict(dataset="imagefolder", data_dir=str(data["folder"]), crop=16)}[dataset]
     return dataclasses.replace(preset, out_dir=str(out), **{**TINY, **where, **kw})
 
@@ -120,8 +122,8 @@ ALL_PRESETS = [("byol", name) for name in B.PRESETS] + [("simsiam", name) for na
 def test_every_preset_runs_one_step(tmp_path, data, script, name):
     module = B if script == "byol" else S
     preset = module.PRESETS[name][1]
-    # The laptop presets on their own data (digits), the others: BYOL on the CIFAR reader, SimSiam on ImageFolder.
-    dataset = "digits" if name == "cpu-demo" else "cifar10" if script == "byol" else "imagefolder"
+    # The laptop presets on their own data, the others: BYOL on the CIFAR reader, SimSiam on ImageFolder.
+    dataset = {"cpu-demo": "digits", "laptop": "fashionmnist"}.get(name, "cifar10" if script == "byol" else "imagefolder")
     args = tiny(preset, data, dataset, tmp_path / "run")
     learner = module.train(args)
     (rec,) = metrics(tmp_path / "run")

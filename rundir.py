@@ -3,7 +3,7 @@
 Nothing here is specific to a method; the training scripts call it at the start of a run, at the
 end of each epoch and when they save. A run directory (--out-dir) holds:
 
-  config.json       the settings (Args) of the run
+  config.json       the settings (Args) of the run, and its provenance (git commit, versions, machine)
   metrics.jsonl     one JSON line per epoch (see `epoch_record`)
   eigenvalues.png   the spectra of the running C and of the centred covariances, per epoch
   online_readout.png  accuracy, effective rank and the collapse indicator, per epoch
@@ -31,7 +31,7 @@ import common as C
 
 # Fields that change how a run is executed or reported, never its results: they may differ on resume.
 RUNTIME_FIELDS = {"out_dir", "data_dir", "download", "device", "num_workers", "log_every", "save_every", "overwrite",
-                  "allow_changes", "compile"}
+                  "allow_changes", "compile", "provenance"}
 CHECKPOINT_KEYS = ("format", "args", "step", "model", "optimizer", "scaler", "rng", "epoch_sums",
                    "low_std_epochs", "elapsed")
 FORMAT = "isoloss-train-2"  # 2: the readout joined the main optimiser (its param groups changed)
@@ -89,9 +89,29 @@ def start(out: Path, settings: dict, step: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*(out / n for n in RUN_FILES if settings["overwrite"]), *out.glob(".*.tmp")]:  # .tmp: a killed save
         stale.unlink(missing_ok=True)
-    C.atomic_write_text(out / "config.json", json.dumps(settings, indent=1) + "\n")
+    C.atomic_write_text(out / "config.json", json.dumps(dict(settings, provenance=provenance()), indent=1) + "\n")
     kept = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= step]
     C.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def provenance() -> dict:
+    """What produced a run: the repository's git commit (and whether the tree had changes), the versions,
+    the machine. Written into config.json and backbone.json; never compared when resuming."""
+    import platform
+    import subprocess
+    import torchvision
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    return dict(git_commit=commit, git_dirty=None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+                torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
+                cpu=C.cpu_info()[0], gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                started=time.strftime("%Y-%m-%d %H:%M:%S %z"))
 
 
 def save(out: Path, settings: dict, step: int, parts: dict, **state) -> None:
@@ -103,7 +123,7 @@ def save(out: Path, settings: dict, step: int, parts: dict, **state) -> None:
 def export_backbone(backbone: nn.Module, out: Path, **meta) -> None:
     """backbone.pt: a plain state_dict (torchvision names, no fc); backbone.json says how to build it."""
     C.atomic_save({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pt")
-    C.atomic_write_text(out / "backbone.json", json.dumps(dict(arch="resnet18", **meta), indent=1) + "\n")
+    C.atomic_write_text(out / "backbone.json", json.dumps(dict(arch="resnet18", **meta, provenance=provenance()), indent=1) + "\n")
     print(f"done: {out / 'backbone.pt'} (plain torchvision ResNet-18 state_dict), metrics in {out / 'metrics.jsonl'}")
 
 

@@ -84,6 +84,12 @@ def test_end_to_end_writes_everything_and_a_torchvision_backbone(tmp_path, data,
         assert len(rec["eigenvalues"]) == 16 and rec["eigenvalues"] == sorted(rec["eigenvalues"])
         assert 0 <= rec["online_readout_top1"] <= rec["online_readout_top5"] <= 100
     assert (lines[-1]["tau"] is None) == (script == "train_simsiam.py")
+    # What produced the run: the commit of this checkout, the versions, the machine (also in backbone.json).
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    for where in ("config.json", "backbone.json"):
+        made_by = json.loads((out / where).read_text())["provenance"]
+        assert made_by["git_commit"] == head and isinstance(made_by["git_dirty"], bool), where
+        assert (made_by["torch"], made_by["torchvision"]) == (torch.__version__, torchvision.__version__) and made_by["cpu"]
 
     # A tiny width has torchvision's parameter names with smaller tensors; width 1 is tested below.
     state = torch.load(out / "backbone.pt", weights_only=True)

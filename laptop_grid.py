@@ -91,9 +91,9 @@ def runs(args: Args) -> list[dict]:
     return out
 
 
-def execute(todo: list[dict], jobs: int) -> None:
+def execute(todo: list[dict], jobs: int, keep_going: bool = False) -> None:
     """Run each job's commands in order, `jobs` jobs at a time, one thread each; a failed command stops
-    the grid with the end of its log."""
+    the grid with the end of its log, or with keep_going, ends that job only (job["failed"]: its last line)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending, running, t0, done = list(todo), [], time.perf_counter(), 0
     while pending or running:
@@ -105,7 +105,10 @@ def execute(todo: list[dict], jobs: int) -> None:
             running.append(job)
         time.sleep(0.5)
         for job in [j for j in running if j["proc"].poll() is not None]:
-            if job["proc"].returncode != 0:
+            if job["proc"].returncode != 0 and keep_going:
+                job["failed"], job["queue"] = (job["dir"] / "log.txt").read_text().splitlines()[-1], []
+                print(f"  failed: {job['dir'].name}: {job['failed']}", flush=True)
+            elif job["proc"].returncode != 0:
                 tail = (job["dir"] / "log.txt").read_text().splitlines()[-5:]
                 raise SystemExit(f"error: {' '.join(map(str, job['proc'].args))} failed (log: {job['dir'] / 'log.txt'}):\n"
                                  + "\n".join(tail))

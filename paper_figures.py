@@ -139,6 +139,7 @@ def collect(job: dict) -> dict | None:
     last = records[-1]
     lin = job["dir"] / "linear_eval.json"
     lin = json.loads(lin.read_text()) if lin.exists() else None
+    failed = job["dir"] / "failed.txt"
     return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
                 command=" ".join(map(str, job["cmds"][0][1:])), step=last["step"], epochs=last["epoch"],
                 knn=None if lin is None else 100 * lin["knn"]["results"]["k=20"]["top1"],
@@ -148,7 +149,8 @@ def collect(job: dict) -> dict | None:
                 collapse_warning=last["collapse_warning"], near_top=near_top(last["eigenvalues"]),
                 near_top_by_step=[[r["step"], near_top(r["eigenvalues"])] for r in records],
                 knn_monitor=[[r["step"], r["knn_top1"]] for r in records if r.get("knn_top1") is not None],
-                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"])
+                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"],
+                failed=failed.read_text().strip() if failed.exists() else None)
 
 
 def table(results: dict, ref: dict | None, header: str) -> str:
@@ -156,7 +158,8 @@ def table(results: dict, ref: dict | None, header: str) -> str:
             "|" + "---|" * 9]
     fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in results.values():
-        rows.append(f"| `{r['name']}` | {r['step']} | {fmt(r['knn'])} | {fmt(r['linear'])} | {r['std']:.3f} | "
+        rows.append(f"| `{r['name']}`{' (stopped: ' + r['failed'].removeprefix('error: ').split('. ')[0] + ')' if r['failed'] else ''} "
+                    f"| {r['step']} | {fmt(r['knn'])} | {fmt(r['linear'])} | {r['std']:.3f} | "
                     f"{fmt(r['mean_share_z'], '{:.2f}')} | {r['near_top']} | {'yes' if r['collapse_warning'] else 'no'} | "
                     f"{r['wall_time_s']:.0f} |")
     if ref is not None:
@@ -188,7 +191,8 @@ def draw(figure: str, results: dict, path: Path, title: str) -> None:
         for j, name in enumerate(row):
             ax, r = axes[i, j], results.get(name)
             ax.set(yscale="log", xlabel="step", ylabel="eigenvalue of C")
-            ax.set_title(labels[i][j] + ("" if r else " (not run yet)"), fontsize=9)
+            state = "" if r and not r["failed"] else " (stopped: a fault)" if r else " (not run yet)"
+            ax.set_title(labels[i][j] + state, fontsize=9)
             if r:
                 steps = np.array([s for s, _ in r["spectrum"]])
                 values = np.clip(np.array([v for _, v in r["spectrum"]]), 1e-12, None)
@@ -218,10 +222,14 @@ def main(args: Args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.draw_only:
-        todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists()]
-        print(f"paper figures {', '.join(args.figures)}: {len(jobs)} runs ({len(jobs) - len(todo)} done already), "
+        # A run that stopped on a fault (a divergence, say) is a result: kept in failed.txt and not run again.
+        todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists() and not (j["dir"] / "failed.txt").exists()]
+        print(f"paper figures {', '.join(args.figures)}: {len(jobs)} runs ({len(jobs) - len(todo)} done or stopped already), "
               f"{args.jobs} at a time, on {cpu_name()} -> {out}", flush=True)
-        execute(todo, args.jobs)
+        execute(todo, args.jobs, keep_going=True)
+        for job in todo:
+            if job.get("failed"):
+                (job["dir"] / "failed.txt").write_text(job["failed"] + "\n")
     results = {r["name"]: r for r in map(collect, jobs) if r is not None}
     started = [j for j in jobs if j["name"] in results]
     ref = random_init(out, dataset, started[0], args) if started and not args.draw_only else None

@@ -43,3 +43,23 @@ def test_figure_7_from_two_tiny_runs_then_nothing_is_run_again(tmp_path):
     P.main(P.Args(figures=("3", "7"), data_dir=str(data), out_dir=str(tmp_path / "figs"), train_args=TINY, draw_only=True))
     assert (tmp_path / "figs" / "cosine-isoloss-ema" / "last.pt").stat().st_mtime_ns == stamp
     assert (tmp_path / "figs" / "fig3.png").exists()
+
+
+def test_a_run_that_diverges_is_reported_and_not_run_again(tmp_path):
+    data = write_fashionmnist(tmp_path / "fmnist", n_train_per_class=4, n_test_per_class=2)
+    args = P.Args(figures=("ablations",), data_dir=str(data), out_dir=str(tmp_path / "figs"), train_args=TINY + " --lr 1e30")
+    results = P.main(args)
+    for name in ("cosine-no-predictor-noema", "cosine-no-stop-grad-noema"):
+        assert "NaN or Inf" in (tmp_path / "figs" / name / "failed.txt").read_text()
+        assert name not in results  # it stopped before its first epoch: nothing to draw
+    assert "ablations.png" in [p.name for p in (tmp_path / "figs").iterdir()]
+    log = (tmp_path / "figs" / "cosine-no-predictor-noema" / "log.txt").read_text()
+    P.main(args)  # nothing runs again: the log is as it was
+    assert (tmp_path / "figs" / "cosine-no-predictor-noema" / "log.txt").read_text() == log
+
+
+def test_the_table_says_where_a_run_stopped():
+    row = dict(name="euclidean-mlp-ema", step=200, knn=None, linear=None, std=0.09, mean_share_z=None, near_top=2,
+               collapse_warning=False, wall_time_s=60.0, failed="error: NaN or Inf in the weights after step 300, not saved. The run stopped")
+    text = P.table({"euclidean-mlp-ema": row}, None, "header")
+    assert "`euclidean-mlp-ema` (stopped: NaN or Inf in the weights after step 300, not saved) | 200 | - | - |" in text

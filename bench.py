@@ -104,7 +104,7 @@ def table(rows: list[tuple], header: tuple) -> str:
 # 1. The toy suite
 # ---------------------------------------------------------------------------------------------
 
-# The default run (SPEC section 5): (figure block, N, M, relu, setting, steps, learning rate).
+# The default run (METHOD.md section 5): (figure block, N, M, relu, setting, steps, learning rate).
 def toy_runs():
     import toy_linear as T
     a = T.Args()

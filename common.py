@@ -1,15 +1,15 @@
 """The shared core: the paper's math first, then the backbone, then the plumbing every script uses.
 
 Map to the paper (Halvagal, Laborieux & Zenke, "Implicit variance regularization in
-non-contrastive SSL", NeurIPS 2023) and to ../shared/SPEC.md:
+non-contrastive SSL", NeurIPS 2023) and to METHOD.md (the equations, numbered by section):
 
-  cosine_loss, euclidean_loss         SPEC 3: L_cos = 2 - 2 cos(p, t), L_euc = |p - t|^2
-  iso_euclidean_loss, iso_cosine_loss SPEC 3: IsoLoss, the same gradient with W_P^T removed
-  MLPPredictor, LinearPredictor       SPEC 2: BYOL/SimSiam predictor; learnable W (Fig. 4)
-  correlation_batch, ClosedFormPredictor  SPEC 2: C <- tau C + (1 - tau) Z^T Z / B, eigh, W_P = U diag(s_hat^a) U^T
-  pair_loss                           SPEC 1, 3: one view order's loss; the step sums both orders
+  cosine_loss, euclidean_loss         (3.1), (3.2): L_cos = 2 - 2 cos(p, t), L_euc = |p - t|^2
+  iso_euclidean_loss, iso_cosine_loss (3.3), (3.4): IsoLoss, the same gradient with W_P^T removed
+  MLPPredictor, LinearPredictor       (2.1), (2.2): BYOL/SimSiam predictor; learnable W (Fig. 4)
+  correlation_batch, ClosedFormPredictor  (2.3a-d): C <- tau C + (1 - tau) Z^T Z / B, eigh, W_P = U diag(s_hat^a) U^T
+  pair_loss                           (1.1): one view order's loss; the step sums both orders
   participation_ratio, normalized_std, eigenvector_alignment, centred_spectrum, effective_rank,
-  mode_gradients, knn_scores, topk_accuracy  what the runs log (SPEC 6), how collapse is told from health
+  mode_gradients, knn_scores, topk_accuracy  what the runs log (section 6), how collapse is told from health
   resnet18                            the backbone, with torchvision's parameter names
   pick_device, cpu_info, atomic_save, load_checkpoint, Progress, die: plumbing every script needs
 
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# --- Losses (SPEC section 3) -----------------------------------------------------------------
+# --- Losses (METHOD.md section 3) -----------------------------------------------------------------
 
 
 def cosine_loss(p: torch.Tensor, t: torch.Tensor, stop_grad: bool = True) -> torch.Tensor:
@@ -68,7 +68,7 @@ def iso_cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor, t: t
     return (-2 * (attract - 0.5 * scale * p_sqrt.pow(2).sum(-1))).mean()
 
 
-# --- Predictors (SPEC section 2) -------------------------------------------------------------
+# --- Predictors (METHOD.md section 2) -------------------------------------------------------------
 
 
 class MLPPredictor(nn.Sequential):
@@ -196,7 +196,7 @@ def widen(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-# --- Metrics: what the deep runs log (SPEC section 6), and how collapse is told from health ---
+# --- Metrics: what the deep runs log (METHOD.md section 6), and how collapse is told from health ---
 
 
 def participation_ratio(s: torch.Tensor) -> float:
@@ -273,7 +273,7 @@ def topk_accuracy(scores: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[floa
     return [hit[:, :k].any(1).double().mean().item() for k in ks]
 
 
-# --- The backbone, shared by the training scripts and linear_eval.py (SPEC section 6) --------
+# --- The backbone, shared by the training scripts and linear_eval.py (METHOD.md section 6) --------
 
 
 class BasicBlock(nn.Module):

@@ -1,7 +1,7 @@
 """The data of train_byol.py, train_simsiam.py and linear_eval.py:
 
   load_dataset, eval_transform    cifar10, cifar100, stl10, tinyimagenet, imagefolder, digits, fashionmnist; the test view
-  ViewSpec, view_specs, pil_view  one view's augmentation (SPEC section 6), on PIL images in loader workers
+  ViewSpec, view_specs, pil_view  one view's augmentation (METHOD.md section 6), on PIL images in loader workers
   batched_view, device_views      the same distributions, drawn per image on a uint8 batch on the device
   TwoViews, EpochBatches          augmentations and batch order that are functions of (seed, epoch, index)
 
@@ -213,7 +213,7 @@ class FashionMNIST(InMemory):
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view's augmentation (SPEC 6), shared by the PIL path and the batched device path."""
+    """One view's augmentation (METHOD.md 6), shared by the PIL path and the batched device path."""
 
     crop: int
     scale: tuple[float, float] = (0.08, 1.0)
@@ -235,7 +235,7 @@ GRAYSCALE = {"digits", "fashionmnist"}
 
 
 def view_specs(crop: int, blur: tuple[float, float], min_scale: float = 0.08, grayscale: bool = False) -> tuple[ViewSpec, ViewSpec]:
-    """SPEC 6: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur; view 2 adds solarisation (p 0.2).
+    """METHOD.md 6: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur; view 2 adds solarisation (p 0.2).
     grayscale: only the jitter's brightness and contrast, which are all of it that acts on a gray image."""
     colour = dict(jitter=(0.4, 0.4, 0.0, 0.0), gray_p=0.0) if grayscale else {}
     return (ViewSpec(crop, (min_scale, 1.0), blur_p=blur[0], **colour),

@@ -81,7 +81,7 @@ def runs(args: Args) -> list[dict]:
     for method in args.methods:
         for target in args.targets:
             if method.startswith("no-") and target == "ema":
-                continue  # the collapse ablations are SimSiam's (SPEC section 1)
+                continue  # the collapse ablations are SimSiam's (METHOD.md section 1)
             for seed in args.seeds:
                 run_dir = Path(args.out_dir) / f"{target}-{method}-s{seed}"
                 cmd = [sys.executable, TARGETS[target], "cpu-demo", *METHODS[method][1], "--seed", str(seed),

@@ -12,7 +12,7 @@ linear_classifier.pt (standardisation + linear layer), features_*.pt (the featur
 table of the same numbers is printed at the end.
 
 Two labels, so that nobody mixes them up with the training scripts' online readout (a linear
-layer trained alongside pre-training on augmented views, SPEC section 6):
+layer trained alongside pre-training on augmented views, METHOD.md section 6):
   offline_linear  a linear classifier trained after pre-training on the frozen backbone's
                   features of the labelled train split; top-1 / top-5 on the test split.
   knn             weighted k-NN on the same features: cosine similarity, the k = 20 and 200

@@ -13,13 +13,13 @@ Output (default runs/toy_linear/): fig2_trajectories.png, fig2_eigenvalues.png, 
 fig6_trajectories.png, fig6_eigenvalues.png, one .npz of raw trajectories per figure block,
 summary.json; a table of the same numbers is printed at the end.
 
-The model (SPEC sections 4 and 5): z = W x (or relu(W x)), x ~ N(0, I_N); the online view is x,
+The model (METHOD.md sections 4 and 5): z = W x (or relu(W x)), x ~ N(0, I_N); the online view is x,
 the target view x + sigma * noise; the predictor W_P = U diag(lambda^alpha) U^T is computed in
 closed form from W W^T = U diag(lambda) U^T and is a constant for the gradient; the target is
 t = W x_2 (same weights, as in SimSiam). W follows plain gradient descent on the expected loss,
 Euclidean 1/2 ||p - t||^2 or cosine -cos(p, t), in eight settings:
     {euclidean, cosine} x {standard, no-stopgrad, no-predictor, isoloss}.
-IsoLoss removes the factor W_P^T from the gradient with respect to z (see SPEC section 3).
+IsoLoss removes the factor W_P^T from the gradient with respect to z (see METHOD.md section 3).
 
 Exact expectation vs Monte Carlo:
   * linear Euclidean settings (all four): the expected gradient is a closed-form matrix
@@ -37,7 +37,7 @@ Exact expectation vs Monte Carlo:
 
 Theory (dashed lines on every linear eigenvalue panel): each mode's eigenvalue evolves on its own,
 lambda_m <- (1 - eta g_m)^2 lambda_m per step, where g_m is the gradient's eigenvalue in that
-mode (SPEC section 4 writes the same as the flow d lambda_m/dt = -2 eta g_m lambda_m). For the
+mode (METHOD.md section 4 writes the same as the flow d lambda_m/dt = -2 eta g_m lambda_m). For the
 Euclidean loss this is exact; for the cosine loss it is the mean-field approximation (norms and
 dot products replaced by their expectations). The largest relative deviation between simulation
 and theory is reported per run.
@@ -350,7 +350,7 @@ def simulate(W0, names, lrs, steps, relu, args, samples, record_every=1, keep_W=
     return out
 
 
-# ---------------------------------------------------------------- the theory (SPEC section 4)
+# ---------------------------------------------------------------- the theory (METHOD.md section 4)
 
 def mode_rates(lam, name, sigma, both, alpha):
     """g_m: eigenvalue of the expected gradient in mode m (d lambda_m/dt = -2 eta g_m lambda_m);

@@ -3,7 +3,7 @@
 
     python train_byol.py [PRESET] [--dataset cifar10|cifar100|stl10|tinyimagenet|imagefolder|digits|fashionmnist] [--field VALUE]
 
-The paper's grid with an EMA target (SPEC section 6; train_simsiam.py has the runs without one):
+The paper's grid with an EMA target (METHOD.md section 6; train_simsiam.py has the runs without one):
 
     python train_byol.py                    --dataset cifar10     # BYOL: MLP predictor, cosine loss
     python train_byol.py directpred         --dataset cifar10     # closed-form W_P = C^0.5
@@ -103,10 +103,10 @@ class Args:
     """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet, imagefolder);
     <= 32: the small (CIFAR) stem."""
     min_scale: float = 0.08
-    """Smallest area of a random resized crop, as a fraction of the image (SPEC 6: 0.08)."""
+    """Smallest area of a random resized crop, as a fraction of the image (METHOD.md 6: 0.08)."""
     blur: tuple[float, float] | None = None
     """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0) otherwise."""
-    # --- the predictor and the loss (SPEC sections 2-3) ---
+    # --- the predictor and the loss (METHOD.md sections 2-3) ---
     predictor: Literal["mlp", "linear", "directpred", "directcopy", "none"] = "mlp"
     """mlp (BYOL/SimSiam), linear (learnable W), directpred/directcopy (closed form from C), none (ablation)."""
     loss: Literal["cosine", "euclidean"] = "cosine"
@@ -117,7 +117,7 @@ class Args:
     """Closed-form predictor: W_P = U diag(s_hat^alpha) U^T. Default: 0.5 for directpred, 1 for directcopy."""
     eps: float | None = None
     """Closed-form predictor: s_hat = s / max(s) + eps. Default: 0 for directpred, 0.25 for directcopy."""
-    # --- optimisation and monitoring (SPEC section 6) ---
+    # --- optimisation and monitoring (METHOD.md section 6) ---
     momentum: float = 0.9
     """Momentum of the optimiser."""
     weight_decay: float = 1e-5
@@ -150,7 +150,7 @@ class Args:
     """Running correlation matrix C <- tau_c C + (1 - tau_c) Z^T Z / B (0.998 with an EMA target)."""
 
 
-# The paper's grid with an EMA target (SPEC section 6); the command line overrides any field.
+# The paper's grid with an EMA target (METHOD.md section 6); the command line overrides any field.
 PRESETS = {
     "byol": ("BYOL: MLP predictor, cosine loss (the default).", Args()),
     "directpred": ("DirectPred: closed-form predictor W_P = C^0.5 (normalised).",

@@ -1,7 +1,7 @@
 # --- METHOD (SimSiam): what this file trains ---
 """SimSiam-style non-contrastive SSL: no target network, SGD. The targets are the online network's own
-outputs of the same pass, detached (the stop-gradient). The paper's runs without an EMA target (SPEC
-section 6; train_byol.py has those with one), and the collapse ablations of SPEC section 1:
+outputs of the same pass, detached (the stop-gradient). The paper's runs without an EMA target (METHOD.md
+section 6; train_byol.py has those with one), and the collapse ablations of METHOD.md section 1:
 
     python train_simsiam.py                    --dataset cifar10     # SimSiam: MLP predictor, cosine loss
     python train_simsiam.py directpred         --dataset cifar10     # closed-form W_P = C^0.5
@@ -102,10 +102,10 @@ class Args:
     """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet, imagefolder);
     <= 32: the small (CIFAR) stem."""
     min_scale: float = 0.08
-    """Smallest area of a random resized crop, as a fraction of the image (SPEC 6: 0.08)."""
+    """Smallest area of a random resized crop, as a fraction of the image (METHOD.md 6: 0.08)."""
     blur: tuple[float, float] | None = None
     """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0) otherwise."""
-    # --- the predictor and the loss (SPEC sections 2-3) ---
+    # --- the predictor and the loss (METHOD.md sections 2-3) ---
     predictor: Literal["mlp", "linear", "directpred", "directcopy", "none"] = "mlp"
     """mlp (BYOL/SimSiam), linear (learnable W), directpred/directcopy (closed form from C), none (ablation)."""
     loss: Literal["cosine", "euclidean"] = "cosine"
@@ -116,7 +116,7 @@ class Args:
     """Closed-form predictor: W_P = U diag(s_hat^alpha) U^T. Default: 0.5 for directpred, 1 for directcopy."""
     eps: float | None = None
     """Closed-form predictor: s_hat = s / max(s) + eps. Default: 0 for directpred, 0.25 for directcopy."""
-    # --- optimisation and monitoring (SPEC section 6) ---
+    # --- optimisation and monitoring (METHOD.md section 6) ---
     momentum: float = 0.9
     """Momentum of the optimiser."""
     weight_decay: float = 1e-5
@@ -145,7 +145,7 @@ class Args:
     """Running correlation matrix C <- tau_c C + (1 - tau_c) Z^T Z / B (0.5 without an EMA target)."""
 
 
-# The paper's grid without an EMA target (SPEC section 6), and the collapse ablations of SPEC section 1;
+# The paper's grid without an EMA target (METHOD.md section 6), and the collapse ablations of METHOD.md section 1;
 # the command line overrides any field.
 PRESETS = {
     "simsiam": ("SimSiam: MLP predictor, cosine loss (the default).", Args()),

@@ -68,8 +68,8 @@ WHOLE = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)  # colour only: the
     dict(jitter=(0, 0, 0.2, 0), jitter_p=1.0, gray_p=0.0),   # saturation alone
     dict(jitter=(0, 0, 0, 0.1), jitter_p=1.0, gray_p=0.0),   # hue alone
     dict(jitter_p=0.0, gray_p=0.0, blur_p=1.0),              # blur alone
-    dict(),                                                  # view 1 of SPEC 6
-    dict(solarize_p=0.2),                                    # view 2 of SPEC 6
+    dict(),                                                  # view 1 of METHOD.md 6
+    dict(solarize_p=0.2),                                    # view 2 of METHOD.md 6
 ], ids=["brightness", "contrast", "saturation", "hue", "blur", "view1", "view2"])
 def test_colour_operations_match_the_pil_path(colour):
     pil, batched = draw_both(colourful_image(), D.ViewSpec(32, **WHOLE, **colour), n=800)

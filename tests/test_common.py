@@ -1,4 +1,4 @@
-"""Tests that pin the math of common.py (SPEC sections 2 and 3), and its shared helpers."""
+"""Tests that pin the math of common.py (METHOD.md sections 2 and 3), and its shared helpers."""
 
 import os
 
@@ -34,7 +34,7 @@ def grad_of(loss_fn, z):
     return z.grad
 
 
-# --- gradient identities (SPEC 3) ---------------------------------------------------------------
+# --- gradient identities (METHOD.md 3) ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("alpha,eps", [(0.5, 0.0), (1.0, 0.25)])
@@ -84,7 +84,7 @@ def test_stop_grad_false_lets_gradient_reach_target():
     assert t.grad is not None and t.grad.abs().sum() > 0
 
 
-# --- loss values (SPEC 3) -----------------------------------------------------------------------
+# --- loss values (METHOD.md 3) -----------------------------------------------------------------------
 
 
 def test_loss_values_by_hand():
@@ -125,7 +125,7 @@ def test_isoloss_needs_closed_form_predictor():
     C.check_isoloss(C.build_predictor("directcopy", 8))
 
 
-# --- closed-form predictor (SPEC 2) -------------------------------------------------------------
+# --- closed-form predictor (METHOD.md 2) -------------------------------------------------------------
 
 
 def known_C(d=6, seed=0):

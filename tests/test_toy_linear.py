@@ -1,6 +1,6 @@
 """Tests of toy_linear.py: gradients, the eigenmode theory, and the paper's toy outcomes.
 
-The outcomes are those of SPEC sections 4 and 5 (linear network, N = 15, M = 10, W0 from
+The outcomes are those of METHOD.md sections 4 and 5 (linear network, N = 15, M = 10, W0 from
 torch.manual_seed(2), 1500 steps, target-view noise sigma = 0.1). Monte Carlo runs use few samples
 per step so that the file runs in well under a minute.
 """
@@ -51,7 +51,7 @@ def smallest_reaches(lam, level):
 
 
 def reference_loss(W, WP, x1, x2, name, relu):
-    """Each setting's loss written for autograd, IsoLoss in the form of SPEC section 3."""
+    """Each setting's loss written for autograd, IsoLoss in the form of METHOD.md section 3."""
     cosine, has_pred, iso, stopgrad = tl.parse(name)
     act = torch.relu if relu else (lambda h: h)
     z, t = act(x1 @ W.T), act(x2 @ W.T)
@@ -184,19 +184,19 @@ def test_cosine_mean_field_conserves_the_trace_and_ends_where_the_simulation_doe
     np.testing.assert_allclose(end, 1.056, rtol=0.005)
 
 
-# ---------------------------------------------------------------- the paper's outcomes (SPEC 5)
+# ---------------------------------------------------------------- the paper's outcomes (METHOD.md 5)
 
 
 def test_euclidean_outcomes_at_the_papers_settings():
     names = ["euclidean-standard", "euclidean-no-stopgrad", "euclidean-isoloss"]
     sim = run(names, [0.01] * 3)
     std, nsg, iso = (sim["lam"][:, s] for s in range(3))
-    # standard: nine modes at the fixed point, the smallest still lagging (SPEC: 0.048)
+    # standard: nine modes at the fixed point, the smallest still lagging (METHOD.md section 5: 0.048)
     np.testing.assert_allclose(std[-1, 1:], 1, rtol=0.01)
     assert abs(std[-1, 0] - 0.048) < 0.002
     # IsoLoss: every mode at the fixed point within 1%
     np.testing.assert_allclose(iso[-1], 1, rtol=0.01)
-    # no stop-gradient: every mode shrinks at every step (SPEC: eight below 0.01, two near 0.3)
+    # no stop-gradient: every mode shrinks at every step (METHOD.md section 5: eight below 0.01, two near 0.3)
     assert (np.diff(nsg, axis=0) < 1e-12).all()  # (up to the rounding of eigh near zero)
     assert (nsg[-1, :8] < 0.01).all() and np.allclose(nsg[-1, 8:], 0.3, atol=0.06)
 

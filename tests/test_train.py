@@ -154,7 +154,7 @@ def test_presets_hold_the_papers_settings():
                 if name == "laptop":
                     assert (a.lr, a.weight_decay, a.tau_c, a.momentum) == ((1.0, 1e-5, 0.998, 0.9) if ema else (0.1, 1e-5, 0.5, 0.9))
                 continue
-            assert a.weight_decay == 1e-5, name  # every method, the release's configs (SPEC 6)
+            assert a.weight_decay == 1e-5, name  # every method, the release's configs (METHOD.md 6)
             assert (a.lr, a.tau_c) == ((1.0, 0.998) if ema else (0.1, 0.5)), name
             assert a.momentum == 0.9 and a.batch_size == 256 and a.epochs == 1000 and a.warmup_epochs == 10
             assert a.isoloss == name.startswith("isoloss")
@@ -437,7 +437,7 @@ def test_two_processes_with_torchrun_hold_the_same_C_and_weights(tmp_path, data)
     assert r.stdout.count("epoch 1/1") == 1
 
 
-# --- collapse of the ablations (SPEC section 1) -------------------------------------------------
+# --- collapse of the ablations (METHOD.md section 1) -------------------------------------------------
 
 
 def test_ablations_collapse_while_simsiam_keeps_its_variance(tmp_path, data):

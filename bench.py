@@ -91,8 +91,8 @@ def timed(fn, repeats: int = 3, warmup: int = 1, budget_s: float = 30.0) -> floa
 
 def native_bf16() -> bool:
     """bf16 autocast runs natively: a GPU, or a CPU with AVX-512 BF16 or AMX."""
-    import common as C
-    return torch.cuda.is_available() or bool(C.cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
+    import common
+    return torch.cuda.is_available() or bool(common.cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def table(rows: list[tuple], header: tuple) -> str:
@@ -122,7 +122,7 @@ def toy_runs():
 def notebook_step(W, setting: str, relu: bool, lr: float, samples: int = 50_000, sigma: float = 0.1):
     """One update as the authors' notebook does it: fresh samples, a general eigendecomposition of
     W W^T for the predictor, the loss through autograd."""
-    import common as C
+    import common
     loss_name, variant = setting.split("-", 1)
     x1 = torch.randn(samples, W.shape[1])
     x2 = x1 + sigma * torch.randn_like(x1)
@@ -135,10 +135,10 @@ def notebook_step(W, setting: str, relu: bool, lr: float, samples: int = 50_000,
     z, t = act(x1 @ W.T), act(x2 @ W.T)
     p = z if variant == "no-predictor" else z @ WP.T
     if variant == "isoloss":
-        loss = C.iso_euclidean_loss(z, p, t) / 2 if loss_name == "euclidean" else \
-            C.iso_cosine_loss(z, p, z @ WP_sqrt.T, t) / 2
+        loss = common.iso_euclidean_loss(z, p, t) / 2 if loss_name == "euclidean" else \
+            common.iso_cosine_loss(z, p, z @ WP_sqrt.T, t) / 2
     else:
-        fn = C.euclidean_loss if loss_name == "euclidean" else C.cosine_loss
+        fn = common.euclidean_loss if loss_name == "euclidean" else common.cosine_loss
         loss = fn(p, t, stop_grad=variant != "no-stopgrad") / 2
     loss.backward()
     return (W - lr * W.grad).detach()
@@ -172,11 +172,11 @@ def bench_toy(args: Args) -> dict:
 
 
 def bench_predictor(args: Args, step_s: float | None) -> dict:
-    import common as C
+    import common
     torch.manual_seed(0)
     d, B = 256, 256
     z1, z2 = torch.randn(B, d, device=DEVICE), torch.randn(B, d, device=DEVICE)
-    pred = C.ClosedFormPredictor(d, alpha=0.5, eps=0.0, tau=0.998).to(DEVICE)
+    pred = common.ClosedFormPredictor(d, alpha=0.5, eps=0.0, tau=0.998).to(DEVICE)
 
     def ours():
         for z in (z1, z2):  # the training step's order: C takes each view, then predicts it
@@ -367,13 +367,13 @@ def bench_data(args: Args, step: dict | None) -> dict:
 
 
 def bench_lineval(args: Args) -> dict:
-    import common as C
+    import common
     import data as D
     import linear_eval as L
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_data import write_cifar10
     torch.manual_seed(0)
-    backbone = L.freeze(C.resnet18(1.0, small_stem=True))
+    backbone = L.freeze(common.resnet18(1.0, small_stem=True))
     lin = L.Args(checkpoint="", classifier="sgd", num_workers=0)
     E, k, lr, wd = lin.epochs, 1 if args.quick else 2, lin.lrs[0], lin.wds[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -393,7 +393,7 @@ def bench_lineval(args: Args) -> dict:
         uncached = (time.perf_counter() - t0) * E / k
         fast = L.fit_readout(x, y, 10, "sgd", lr, wd, short)
     # Same features, so the same accuracy up to the minibatch order: compare after k epochs.
-    acc = [C.topk_accuracy(r(x), y, ks=(1,))[0] for r in (fast, slow)]
+    acc = [common.topk_accuracy(r(x), y, ks=(1,))[0] for r in (fast, slow)]
     rows = [(f"{E} epochs, {len(y)} images, ResNet-18 width 1", f"{cached:.1f} s", f"{uncached:.0f} s (extrapolated)",
              f"{uncached / cached:.0f}x", f"{100 * acc[0]:.1f}% / {100 * acc[1]:.1f}%")]
     print(table(rows, ("offline linear eval (SGD)", "cached features", "backbone every epoch", "speed-up",
@@ -403,11 +403,11 @@ def bench_lineval(args: Args) -> dict:
 
 
 def main(args: Args) -> dict:
-    import common as C
+    import common
     sys.path.insert(0, str(REPO))
     sections = [s for s in args.sections if not (args.quick and s in ("toy", "memory"))]
     args = replace(args, repeats=1 if args.quick else args.repeats)
-    cpu = C.cpu_info()[0]
+    cpu = common.cpu_info()[0]
     print(f"bench.py on {cpu} (torch kernels: {torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
           f"{', quick' if args.quick else ''}\n", flush=True)

@@ -128,7 +128,7 @@ def references(args: Args) -> dict:
     """The same backbone at random initialisation (one per seed, as each run starts) and the raw pixels,
     evaluated with linear_eval.py's protocol."""
     import torch
-    import common as C
+    import common
     import data as D
     import linear_eval as L
     import train_simsiam as S
@@ -140,7 +140,7 @@ def references(args: Args) -> dict:
         path = Path(args.out_dir) / f"random-init-s{seed}" / "backbone.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)  # as train_*.py does before building the Learner, whose backbone comes first
-        C.atomic_save(C.resnet18(preset.width, C.uses_small_stem(crop)).state_dict(), path)
+        common.atomic_save(common.resnet18(preset.width, common.uses_small_stem(crop)).state_dict(), path)
         out[seed] = L.main(L.Args(checkpoint=str(path), dataset="digits", num_workers=0, crop=crop))
     view = D.eval_transform("digits", crop)
     (x, y), (xt, yt) = ((torch.stack([view(im) for im, _ in ds]).flatten(1), torch.tensor(ds.targets))
@@ -149,8 +149,8 @@ def references(args: Args) -> dict:
     best, _ = L.select_hyperparameters(x, y, 10, lin)
     readout = L.fit_readout(x, y, 10, "lbfgs", None, best["wd"], lin)
     with torch.no_grad():
-        linear = C.topk_accuracy(readout(xt), yt, ks=(1,))[0]
-    knn = C.topk_accuracy(C.knn_scores(x, y, xt, 10, 20), yt, ks=(1,))[0]
+        linear = common.topk_accuracy(readout(xt), yt, ks=(1,))[0]
+    knn = common.topk_accuracy(common.knn_scores(x, y, xt, 10, 20), yt, ks=(1,))[0]
     out["pixels"] = dict(knn=dict(results={"k=20": dict(top1=knn)}), offline_linear=dict(top1=linear))
     return out
 

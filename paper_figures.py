@@ -111,7 +111,7 @@ def plan(args: Args) -> tuple[Path, str, list[dict]]:
 def random_init(out: Path, dataset: str, job: dict, args: Args) -> dict:
     """linear_eval.py on the backbone a run starts from (the training scripts seed, then build it first)."""
     import torch
-    import common as C
+    import common
     import linear_eval as L
     config = json.loads((job["dir"] / "config.json").read_text())
     crop = config["crop"] or __import__("data").CROP_SIZE[dataset]
@@ -119,7 +119,7 @@ def random_init(out: Path, dataset: str, job: dict, args: Args) -> dict:
     if not (out / "random-init" / "linear_eval.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config["seed"])
-        C.atomic_save(C.resnet18(config["width"], C.uses_small_stem(crop)).state_dict(), path)
+        common.atomic_save(common.resnet18(config["width"], common.uses_small_stem(crop)).state_dict(), path)
         L.main(L.Args(checkpoint=str(path), dataset=dataset, data_dir=args.data_dir, num_workers=0, crop=crop))
     return json.loads((out / "random-init" / "linear_eval.json").read_text())
 

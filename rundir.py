@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import common as C
+import common
 
 # Fields that change how a run is executed or reported, never its results: they may differ on resume.
 RUNTIME_FIELDS = {"out_dir", "data_dir", "download", "device", "num_workers", "log_every", "save_every", "overwrite",
@@ -54,21 +54,21 @@ def open_run(out: Path, settings: dict) -> dict | None:
     ckpt, previous = None, None
     if (out / "last.pt").exists():
         try:
-            ckpt = C.load_checkpoint(out / "last.pt")
-        except C.CheckpointError as e:
-            C.die(f"{e} (or pass --overwrite to start this run afresh)")
+            ckpt = common.load_checkpoint(out / "last.pt")
+        except common.CheckpointError as e:
+            common.die(f"{e} (or pass --overwrite to start this run afresh)")
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing or ckpt["format"] != FORMAT:
-            C.die(f"{out / 'last.pt'}: not a checkpoint of this version of the training scripts (missing "
+            common.die(f"{out / 'last.pt'}: not a checkpoint of this version of the training scripts (missing "
                   f"{', '.join(missing) or 'format'}); move it away or pass --overwrite to start afresh")
         previous = ckpt["args"]
     elif (out / "config.json").exists():  # a run that stopped before its first checkpoint
         try:
             previous = json.loads((out / "config.json").read_text())
         except (OSError, ValueError) as e:
-            C.die(f"{out / 'config.json'}: unreadable ({e}); move it away or pass --overwrite")
+            common.die(f"{out / 'config.json'}: unreadable ({e}); move it away or pass --overwrite")
     if previous is not None and (diff := settings_diff(previous, settings)) and not settings["allow_changes"]:
-        C.die(f"{out} holds a run with other settings ({'; '.join(diff)}): use another --out-dir, "
+        common.die(f"{out} holds a run with other settings ({'; '.join(diff)}): use another --out-dir, "
               "--overwrite to start afresh, or --allow-changes to resume with the new settings")
     return ckpt
 
@@ -79,7 +79,7 @@ def restore(ckpt: dict, parts: dict, out: Path) -> None:
         for key, part in parts.items():
             part.load_state_dict(ckpt[key])
     except (RuntimeError, ValueError, KeyError) as e:
-        C.die(f"{out / 'last.pt'}: does not fit this model ({str(e).splitlines()[0]}); use another --out-dir or --overwrite")
+        common.die(f"{out / 'last.pt'}: does not fit this model ({str(e).splitlines()[0]}); use another --out-dir or --overwrite")
     torch.set_rng_state(ckpt["rng"]["torch"])
 
 
@@ -89,9 +89,9 @@ def start(out: Path, settings: dict, step: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*(out / n for n in RUN_FILES if settings["overwrite"]), *out.glob(".*.tmp")]:  # .tmp: a killed save
         stale.unlink(missing_ok=True)
-    C.atomic_write_text(out / "config.json", json.dumps(dict(settings, provenance=provenance()), indent=1) + "\n")
+    common.atomic_write_text(out / "config.json", json.dumps(dict(settings, provenance=provenance()), indent=1) + "\n")
     kept = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= step]
-    C.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    common.atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def provenance() -> dict:
@@ -110,20 +110,20 @@ def provenance() -> dict:
     commit = git("rev-parse", "HEAD")
     return dict(git_commit=commit, git_dirty=None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
                 torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
-                cpu=C.cpu_info()[0], gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                cpu=common.cpu_info()[0], gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 started=time.strftime("%Y-%m-%d %H:%M:%S %z"))
 
 
 def save(out: Path, settings: dict, step: int, parts: dict, **state) -> None:
     """last.pt, atomically: the settings, the step, every part's state, the RNG, and `state`."""
-    C.atomic_save(dict(format=FORMAT, args=settings, step=step, **{k: p.state_dict() for k, p in parts.items()},
+    common.atomic_save(dict(format=FORMAT, args=settings, step=step, **{k: p.state_dict() for k, p in parts.items()},
                        rng=dict(torch=torch.get_rng_state()), **state), out / "last.pt")
 
 
 def export_backbone(backbone: nn.Module, out: Path, **meta) -> None:
     """backbone.pt: a plain state_dict (torchvision names, no fc); backbone.json says how to build it."""
-    C.atomic_save({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pt")
-    C.atomic_write_text(out / "backbone.json", json.dumps(dict(arch="resnet18", **meta, provenance=provenance()), indent=1) + "\n")
+    common.atomic_save({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pt")
+    common.atomic_write_text(out / "backbone.json", json.dumps(dict(arch="resnet18", **meta, provenance=provenance()), indent=1) + "\n")
     print(f"done: {out / 'backbone.pt'} (plain torchvision ResNet-18 state_dict), metrics in {out / 'metrics.jsonl'}")
 
 
@@ -147,8 +147,8 @@ def finish(*loaders) -> None:
 
 def stopped_message(out: Path) -> str:
     try:
-        where = f"the last good checkpoint is {out / 'last.pt'} (step {C.load_checkpoint(out / 'last.pt')['step']})"
-    except C.CheckpointError:
+        where = f"the last good checkpoint is {out / 'last.pt'} (step {common.load_checkpoint(out / 'last.pt')['step']})"
+    except common.CheckpointError:
         where = "no checkpoint was written yet"
     return (f"The run stopped; {where}. Lower --lr or turn --amp off, and rerun with --allow-changes to resume "
             "from it (the same settings would reach the same fault again).")
@@ -161,10 +161,10 @@ def check_finite(bad_step: torch.Tensor, model: nn.Module | None, step: int, out
     if dist.is_initialized():  # every rank must stop together, or the others would hang
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if int(bad) >= 0:
-        C.die(f"NaN or Inf in the loss at step {int(bad)}. {stopped_message(out)}")
+        common.die(f"NaN or Inf in the loss at step {int(bad)}. {stopped_message(out)}")
     if model is not None and not torch.stack([t.isfinite().all() for t in model.state_dict().values()
                                               if t.is_floating_point()]).all():
-        C.die(f"NaN or Inf in the weights after step {step}, not saved. {stopped_message(out)}")
+        common.die(f"NaN or Inf in the weights after step {step}, not saved. {stopped_message(out)}")
 
 
 # --- Several processes ------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def check_finite(bad_step: torch.Tensor, model: nn.Module | None, step: int, out
 
 def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world size, device); under torchrun one process per device, NCCL on GPUs, gloo on CPUs."""
-    device = C.pick_device(device_name)
+    device = common.pick_device(device_name)
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
@@ -210,12 +210,12 @@ def epoch_record(learner: nn.Module, epoch: int, step: int, sums: torch.Tensor, 
     ssl, plain, ce, std = (sums / max(n_steps, 1)).tolist()
     s = torch.linalg.eigvalsh(learner.correlation())
     record = dict(epoch=epoch, step=step, loss=ssl, cosine_loss=plain, readout_loss=ce, std_normalized_z=std, **health,
-                  eigenvalues=s.tolist(), participation_ratio=C.participation_ratio(s), **extra)
+                  eigenvalues=s.tolist(), participation_ratio=common.participation_ratio(s), **extra)
     if learner.closed_form:  # how many directions W_P = U diag(s_hat^alpha) U^T lets through, and the gradients
-        record["erank_predictor"] = C.effective_rank(torch.linalg.eigvalsh(learner.predictor.W).square())
-        record.update(C.mode_gradients(learner.predictor, learner.args.loss, *learner.last_pair))
+        record["erank_predictor"] = common.effective_rank(torch.linalg.eigvalsh(learner.predictor.W).square())
+        record.update(common.mode_gradients(learner.predictor, learner.args.loss, *learner.last_pair))
     if learner.args.predictor == "linear":
-        record["eigenvector_alignment"] = C.eigenvector_alignment(learner.predictor.weight, learner.correlation()).tolist()
+        record["eigenvector_alignment"] = common.eigenvector_alignment(learner.predictor.weight, learner.correlation()).tolist()
     return record
 
 
@@ -262,7 +262,7 @@ def plot(out: Path, records: list[dict]) -> None:
         return [r["epoch"] for r in rs], [r[key] for r in rs]
     last = {k: v for r in records for k, v in r.items() if v is not None}  # the latest value of every key
     # A time or a curve from one machine is not one from another: every figure names where it was drawn.
-    where = f"{out.name}, on {torch.cuda.get_device_name() if torch.cuda.is_available() else C.cpu_info()[0]}"
+    where = f"{out.name}, on {torch.cuda.get_device_name() if torch.cuda.is_available() else common.cpu_info()[0]}"
     # Fixed margins instead of tight_layout, which measures every text and took most of a run's plotting time.
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(left=0.05, right=0.99, bottom=0.12, top=0.8, wspace=0.25))
     for ax, key, title in zip(axes, ("eigenvalues", "cov_z_eigenvalues", "cov_f_eigenvalues"), (

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-import common as C
+import common
 import data as D
 import rundir as R
 
@@ -177,7 +177,7 @@ PRESETS = {
 
 def check_args(args: Args, world: int) -> None:
     """Contradictory or impossible settings: one clear line before anything is written."""
-    closed = args.predictor in C.CLOSED_FORM
+    closed = args.predictor in common.CLOSED_FORM
     problems = [
         (args.isoloss and not closed,
          f"--isoloss needs a closed-form predictor (directpred or directcopy), not --predictor {args.predictor}: "
@@ -194,7 +194,7 @@ def check_args(args: Args, world: int) -> None:
         (args.overwrite and args.allow_changes, "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
         (args.augment_on == "device" and args.dataset == "imagefolder",
          "--augment-on device needs images of one size (not imagefolder); use --augment-on loader"),
-        (args.amp == "fp16" and C.pick_device(args.device).type == "cpu", "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
+        (args.amp == "fp16" and common.pick_device(args.device).type == "cpu", "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
         # --- METHOD (SimSiam): checks of the method ---
         (args.isoloss and not args.stop_grad, "--isoloss is built from stop-gradients; it cannot run with --no-stop-grad"),
         # --- END METHOD ---
@@ -208,7 +208,7 @@ def check_args(args: Args, world: int) -> None:
         num_workers=args.num_workers, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
     for bad, message in problems:
         if bad:
-            C.die(message)
+            common.die(message)
 
 
 # --- The model: backbone + projector, predictor, targets, online readout --------------------------
@@ -222,11 +222,11 @@ class Learner(nn.Module):
     def __init__(self, args: Args, n_classes: int, small_stem: bool):
         super().__init__()
         self.args = args
-        self.backbone = C.resnet18(args.width, small_stem)
+        self.backbone = common.resnet18(args.width, small_stem)
         self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden),
                                        nn.ReLU(inplace=True), nn.Linear(args.proj_hidden, args.proj_dim))
-        self.predictor = C.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps)
-        self.closed_form = isinstance(self.predictor, C.ClosedFormPredictor)
+        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps)
+        self.closed_form = isinstance(self.predictor, common.ClosedFormPredictor)
         # --- METHOD (SimSiam): the target network ---
         # None: the targets are the online network's own outputs (see forward).
         # --- END METHOD ---
@@ -246,11 +246,11 @@ class Learner(nn.Module):
         if self.closed_form:
             self.predictor.update(z)
         else:
-            self.C.mul_(self.args.tau_c).add_(C.correlation_batch(z), alpha=1 - self.args.tau_c)
+            self.C.mul_(self.args.tau_c).add_(common.correlation_batch(z), alpha=1 - self.args.tau_c)
 
     def forward(self, x1, x2, y):
         f1, f2 = self.backbone(x1), self.backbone(x2)
-        z1, z2 = C.widen(self.projector(f1)), C.widen(self.projector(f2))
+        z1, z2 = common.widen(self.projector(f1)), common.widen(self.projector(f2))
         # --- METHOD (SimSiam): the targets ---
         # This pass's outputs, detached in the loss (the stop-gradient) unless the ablation says otherwise.
         t1, t2, stop_grad = z1, z2, self.args.stop_grad
@@ -262,15 +262,15 @@ class Learner(nn.Module):
             # with the W_P that includes it (toward t2); then the same for view 2 (toward t1). Orders summed.
             for z, t in ((z1, t2), (z2, t1)):
                 self.observe(z)
-                value, cosine = C.pair_loss(self.args.loss, self.args.isoloss, self.predictor, z, t, stop_grad)
+                value, cosine = common.pair_loss(self.args.loss, self.args.isoloss, self.predictor, z, t, stop_grad)
                 ssl, plain = ssl + value, plain + cosine
             self.last_pair = z2.detach(), t1.detach()  # the pair of the W_P held now: the epoch's gradient diagnostics
             # The readout sees detached features of both views (the release's): it measures the representation,
             # never shapes it. STL-10's unlabeled images have label -1 and do not count.
             labelled = 2 * (y >= 0).sum().clamp_min(1)
-            ce = sum(F.cross_entropy(self.readout(C.widen(f.detach())), y, ignore_index=-1, reduction="sum")
+            ce = sum(F.cross_entropy(self.readout(common.widen(f.detach())), y, ignore_index=-1, reduction="sum")
                      for f in (f1, f2)) / labelled
-        return ssl + ce, ssl.detach(), plain, ce.detach(), C.normalized_std(torch.cat([z1, z2]))
+        return ssl + ce, ssl.detach(), plain, ce.detach(), common.normalized_std(torch.cat([z1, z2]))
 
 
 # --- Optimiser and schedules (plain functions of the step), and the step -------------------------
@@ -325,15 +325,15 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
                 rows.append((f, learner.projector(f).float(), learner.readout(f).float(), y.to(device)))
         return [R.gather(torch.cat(column)) for column in zip(*rows)]
     f, z, logits, y = outputs(test_loader)
-    (top1, top5), cov_f, cov_z, zd = C.topk_accuracy(logits, y), C.centred_spectrum(f), C.centred_spectrum(z), z.double()
+    (top1, top5), cov_f, cov_z, zd = common.topk_accuracy(logits, y), common.centred_spectrum(f), common.centred_spectrum(z), z.double()
     out = dict(online_readout_top1=100 * top1, online_readout_top5=100 * top5, knn_top1=None,
-               erank_f=C.effective_rank(cov_f), erank_z=C.effective_rank(cov_z),
+               erank_f=common.effective_rank(cov_f), erank_z=common.effective_rank(cov_z),
                mean_share_z=float(zd.mean(0).square().sum() / zd.square().sum(1).mean()),
                cov_f_eigenvalues=cov_f.tolist(), cov_z_eigenvalues=cov_z.tolist())
     if bank_loader is not None:
         bank_f, _, _, bank_y = outputs(bank_loader)
-        scores = C.knn_scores(bank_f, bank_y, f, logits.shape[1], learner.args.knn_k)
-        out["knn_top1"] = 100 * C.topk_accuracy(scores, y, ks=(1,))[0]
+        scores = common.knn_scores(bank_f, bank_y, f, logits.shape[1], learner.args.knn_k)
+        out["knn_top1"] = 100 * common.topk_accuracy(scores, y, ks=(1,))[0]
     learner.train()
     return out
 
@@ -360,14 +360,14 @@ def train(args: Args) -> Learner:
         test_set = D.load_dataset(args.dataset, args.data_dir, "test", test_view, download=args.download)
         bank_set = D.load_dataset(args.dataset, args.data_dir, "train", test_view) if args.knn_k else None
     except D.DataError as e:
-        C.die(str(e))
+        common.die(str(e))
     if main_rank and world > 1:
         dist.barrier()
     if args.dataset != "imagefolder" and crop > min(size := base[0][0].size):
-        C.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; use --crop {min(size)} or less")
+        common.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; use --crop {min(size)} or less")
     steps_per_epoch = min(len(base) // args.batch_size, args.steps_per_epoch or sys.maxsize)
     if steps_per_epoch < 1:
-        C.die(f"--batch-size {args.batch_size} is larger than the {len(base)} training images of {args.dataset}")
+        common.die(f"--batch-size {args.batch_size} is larger than the {len(base)} training images of {args.dataset}")
     total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.lr * args.batch_size / 256
     peaks = dict(ssl=peak_lr, readout=args.readout_lr * args.batch_size / 256)  # by param group name
@@ -375,7 +375,7 @@ def train(args: Args) -> Learner:
     ckpt = R.open_run(out, settings)
 
     torch.manual_seed(args.seed)
-    small_stem = C.uses_small_stem(crop)
+    small_stem = common.uses_small_stem(crop)
     learner = Learner(args, len(test_set.classes), small_stem).to(device)
     if cuda:
         learner = learner.to(memory_format=torch.channels_last)
@@ -432,7 +432,7 @@ def train(args: Args) -> Learner:
         f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, lr {peak_lr:.4g} -> {out}")
     if step >= total_steps:
         say(f"{out} already finished (step {step} of {total_steps}); backbone in {out / 'backbone.pt'}")
-    progress = C.Progress(total_steps * args.batch_size, "img", start=step * args.batch_size)
+    progress = common.Progress(total_steps * args.batch_size, "img", start=step * args.batch_size)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step (1-based) whose loss was not finite
     t_start, lr, tau = time.perf_counter(), lr_at(step, total_steps, warmup_steps, peak_lr), None
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -452,7 +452,7 @@ def train(args: Args) -> Learner:
                                                        x1, x2, y, autocast)
                 # --- END METHOD ---
             except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
-                C.die(f"step {step + 1}: {e}. {R.stopped_message(out)}")
+                common.die(f"step {step + 1}: {e}. {R.stopped_message(out)}")
             # Bookkeeping on the device: no host synchronisation except on logging steps.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
             sums += torch.stack([ssl, plain, ce, std]).double()
@@ -500,7 +500,7 @@ def parse(argv=None) -> Args:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv.pop(0) if argv and not argv[0].startswith("-") else next(iter(PRESETS))
     if name not in PRESETS:
-        C.die(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}, or none for {next(iter(PRESETS))}")
+        common.die(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}, or none for {next(iter(PRESETS))}")
     listing = "\n".join(f"  {k:<20s}{doc}" for k, (doc, _) in PRESETS.items())
     return tyro.cli(Args, args=argv, default=PRESETS[name][1], description=f"{__doc__}\npresets (first argument):\n{listing}")
 
@@ -510,7 +510,7 @@ def main(argv=None) -> Learner:
     try:
         return train(args)
     except D.DataError as e:  # an unreadable image met while training, here or in a loader worker
-        C.die(str(e))
+        common.die(str(e))
 
 
 if __name__ == "__main__":

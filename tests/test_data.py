@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-import common as C
+import common
 import data as D
 import linear_eval as L
 import train_byol as B
@@ -138,7 +138,7 @@ def test_training_stops_with_one_line_naming_a_truncated_image(broken_folder, tm
 @pytest.mark.parametrize("workers", [0, 2])
 def test_linear_eval_stops_with_one_line_naming_a_truncated_image(broken_folder, tmp_path, capsys, workers):
     folder, bad = broken_folder
-    torch.save(C.resnet18(0.0625).state_dict(), tmp_path / "backbone.pt")
+    torch.save(common.resnet18(0.0625).state_dict(), tmp_path / "backbone.pt")
     args = L.Args(checkpoint=str(tmp_path / "backbone.pt"), dataset="imagefolder", data_dir=str(folder), crop=16,
                   num_workers=workers)
     assert str(bad) in one_error_line(capsys, lambda: L.main(args))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import common as C
+import common
 import rundir as R
 import train_byol as B
 import train_simsiam as S
@@ -116,7 +116,7 @@ def same(a, b, where="") -> None:
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
-    a, b = C.load_checkpoint(run / "last.pt"), C.load_checkpoint(ref / "last.pt")
+    a, b = common.load_checkpoint(run / "last.pt"), common.load_checkpoint(ref / "last.pt")
     assert R.settings_diff(a["args"], b["args"]) == []
     for key in ("step", "model", "optimizer", "scaler", "rng", "epoch_sums", "low_std_epochs"):
         same(a[key], b[key], key)
@@ -134,7 +134,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, cifar, reference, workers, cap
     argv = argv_for(cifar, out, "--num-workers", str(workers), "--save-every", "3", "--log-every", "1")
     log = kill_when(tmp_path, argv, " step 7 ")  # in epoch 2, after the mid-epoch save at step 6
     assert "epoch 1/3" in log
-    killed_at = C.load_checkpoint(out / "last.pt")["step"]
+    killed_at = common.load_checkpoint(out / "last.pt")["step"]
     assert killed_at in (6, 8)  # 6 unless the kill came late; 6 means batches of epoch 2 are skipped
     # What a kill between a metrics line and its checkpoint leaves behind: a line past the
     # checkpoint, and a torn one. The resumed run must drop both.
@@ -149,7 +149,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, cifar, referen
     out = tmp_path / "run"
     argv = argv_for(cifar, out, "--log-every", "1")
     kill_when(tmp_path, argv, "SAVING", env={"SLOW_SAVE_AT": "8"})  # half of the step-8 checkpoint written
-    assert C.load_checkpoint(out / "last.pt")["step"] == 4
+    assert common.load_checkpoint(out / "last.pt")["step"] == 4
     assert list(out.glob(".last.pt.*.tmp")), "the half-written file should still be there for this test to mean anything"
     B.main(argv=argv)
     assert not list(out.glob(".*.tmp"))
@@ -277,7 +277,7 @@ def test_run_directory_with_other_settings_is_refused_unless_asked(tmp_path, cif
     # ... and --overwrite starts afresh.
     B.main(argv=argv_for(cifar, out, *short, "--lr", "0.5", "--overwrite"))
     assert [r["step"] for r in R.read_metrics(out / "metrics.jsonl")] == [1]
-    assert C.load_checkpoint(out / "last.pt")["args"]["lr"] == 0.5
+    assert common.load_checkpoint(out / "last.pt")["args"]["lr"] == 0.5
 
 
 # --- numerical faults ---------------------------------------------------------------------------
@@ -294,21 +294,21 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     out = tmp_path / "run"
     err = run_fails(argv_for(cifar, out, "--save-every", "2", "--log-every", "100", preset=preset), capsys, expect,
                     f"the last good checkpoint is {out / 'last.pt'} (step {last_good})")
-    ckpt = C.load_checkpoint(out / "last.pt")
+    ckpt = common.load_checkpoint(out / "last.pt")
     assert ckpt["step"] == last_good
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert "--allow-changes" in err
 
 
 def test_nan_in_the_loss_is_caught_on_a_logging_step(tmp_path, cifar, monkeypatch, capsys):
-    real = C.pair_loss
+    real = common.pair_loss
 
     def poisoned(*args, **kwargs):
         loss, plain = real(*args, **kwargs)
         poisoned.calls += 1
         return (loss * float("nan") if poisoned.calls == 5 else loss), plain  # two view orders a step: step 3
     poisoned.calls = 0
-    monkeypatch.setattr(C, "pair_loss", poisoned)
+    monkeypatch.setattr(common, "pair_loss", poisoned)
     out = tmp_path / "run"
     run_fails(argv_for(cifar, out, "--log-every", "2", preset="byol"), capsys, "NaN or Inf in the loss at step 3",
               "no checkpoint was written yet")
@@ -316,7 +316,7 @@ def test_nan_in_the_loss_is_caught_on_a_logging_step(tmp_path, cifar, monkeypatc
 
 
 def test_collapse_is_reported_in_the_log_and_the_metrics(tmp_path, cifar, monkeypatch, capsys):
-    monkeypatch.setattr(C, "normalized_std", lambda z: torch.zeros((), device=z.device))
+    monkeypatch.setattr(common, "normalized_std", lambda z: torch.zeros((), device=z.device))
     out = tmp_path / "run"
     B.main(argv=argv_for(cifar, out, "--steps-per-epoch", "1", "--collapse-epochs", "2", preset="byol"))
     assert [r["collapse_warning"] for r in R.read_metrics(out / "metrics.jsonl")] == [False, True, True]

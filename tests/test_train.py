@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import common as C
+import common
 import rundir as R
 import train_byol as B
 import train_simsiam as S
@@ -96,9 +96,9 @@ def test_end_to_end_writes_everything_and_a_torchvision_backbone(tmp_path, data,
     meta = json.loads((out / "backbone.json").read_text())
     assert (meta["width"], meta["small_stem"], meta["out_dim"]) == (0.0625, True, 32)
     assert state.keys() == torchvision.models.resnet18().state_dict().keys() - {"fc.weight", "fc.bias"}
-    C.resnet18(meta["width"], meta["small_stem"]).load_state_dict(state, strict=True)
+    common.resnet18(meta["width"], meta["small_stem"]).load_state_dict(state, strict=True)
     # ... and it is the trained backbone of the checkpoint, not a fresh one.
-    ckpt = C.load_checkpoint(out / "last.pt")
+    ckpt = common.load_checkpoint(out / "last.pt")
     for k, v in state.items():
         assert torch.equal(v, ckpt["model"][f"backbone.{k}"]), k
 
@@ -110,7 +110,7 @@ def test_the_readmes_loading_lines_load_the_backbone_into_torchvision(tmp_path, 
     readme = (REPO / "README.md").read_text()
     block = readme.split("The backbone loads into a plain torchvision ResNet-18:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert block.count('run = "') == 1
-    small_stem = C.uses_small_stem(crop)
+    small_stem = common.uses_small_stem(crop)
     learner = B.Learner(dataclasses.replace(B.Args(), proj_hidden=32, proj_dim=16), 10, small_stem)
     R.export_backbone(learner.backbone, tmp_path, width=1.0, small_stem=small_stem, crop=crop)
     scope = {}
@@ -356,7 +356,7 @@ def test_loss_is_the_sum_of_both_view_orders_with_the_stop_gradient_where_it_bel
     else:
         t1, t2 = (z1.detach(), z2.detach()) if stop_grad else (z1, z2)
     p1, p2 = learner.predictor(z1), learner.predictor(z2)
-    expect = C.cosine_loss(p1, t2, stop_grad=False) + C.cosine_loss(p2, t1, stop_grad=False)
+    expect = common.cosine_loss(p1, t2, stop_grad=False) + common.cosine_loss(p2, t1, stop_grad=False)
     torch.testing.assert_close(ssl, expect.detach())
     assert ssl > 2.0  # the sum of two losses in [0, 4] for unrelated outputs, not their mean
     # The same gradient: the readout (on detached features) adds nothing to the network's gradient,
@@ -406,7 +406,7 @@ def test_C_takes_each_view_in_turn_and_each_view_is_predicted_with_its_own_W_P(e
         torch.testing.assert_close(W, W_of(C_then))
     assert not torch.allclose(seen[0][1], seen[1][1], atol=1e-3)  # two different W_P in one step
     p1, p2 = (z @ W.float() for z, W in ((z1, seen[0][1]), (z2, seen[1][1])))
-    torch.testing.assert_close(ssl, C.cosine_loss(p1, t2) + C.cosine_loss(p2, t1))
+    torch.testing.assert_close(ssl, common.cosine_loss(p1, t2) + common.cosine_loss(p2, t1))
 
 
 # --- several processes --------------------------------------------------------------------------

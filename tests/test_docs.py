@@ -30,3 +30,14 @@ def test_every_function_METHOD_md_names_exists():
     missing = [n for n in sorted(names - release_or_torch)
                if not re.search(rf"^\s*(def|class) {re.escape(n.split('.')[-1])}\b|^{re.escape(n.split('.')[-1])} = ", code, re.M)]
     assert len(names) > 15 and not missing, missing
+
+
+def test_the_readmes_fashion_mnist_table_is_the_committed_results_table():
+    """The README quotes results/paper_figures/fashionmnist-laptop/figures.md, as written by paper_figures.py."""
+    readme = (REPO / "README.md").read_text()
+    quoted = readme.split("<!-- fashionmnist-table -->\n", 1)[1].split("<!-- /fashionmnist-table -->", 1)[0]
+    written = (REPO / "results" / "paper_figures" / "fashionmnist-laptop" / "figures.md").read_text()
+    table = [line for line in written.splitlines() if line.startswith("|")]
+    assert len(table) > 10 and quoted.strip() == written.strip()
+    for figure in ("fig3.png", "fig7.png", "fig8.png", "ablations.png"):
+        assert (REPO / "results" / "paper_figures" / "fashionmnist-laptop" / figure).is_file()

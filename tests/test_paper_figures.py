@@ -15,7 +15,7 @@ def test_each_figure_plans_the_papers_runs_with_the_method_and_nothing_else_chan
     out, dataset, jobs = P.plan(P.Args(figures=("3", "7", "8")))
     assert dataset == "fashionmnist" and out.name == "fashionmnist-laptop"
     by_name = {j["name"]: j for j in jobs}
-    assert len(jobs) == 6 + 1 + 4  # Fig. 3's six, Fig. 7's run without EMA, Fig. 8's four other decays
+    assert len(jobs) == 6 + 2 + 4  # Fig. 3's six, Fig. 7's two runs without EMA, Fig. 8's four other decays
     train = by_name["euclidean-isoloss-ema"]["cmds"][0]
     assert train[1:3] == ["train_byol.py", "laptop"] and train[train.index("--loss") + 1] == "euclidean"
     assert "--isoloss" in train and train[train.index("--predictor") + 1] == "directpred"
@@ -26,11 +26,11 @@ def test_each_figure_plans_the_papers_runs_with_the_method_and_nothing_else_chan
     assert dataset == "cifar10" and {j["cmds"][0][2] for j in jobs} == {"byol"}
 
 
-def test_figure_7_from_two_tiny_runs_then_nothing_is_run_again(tmp_path):
+def test_figure_7_from_three_tiny_runs_then_nothing_is_run_again(tmp_path):
     data = write_fashionmnist(tmp_path / "fmnist", n_train_per_class=4, n_test_per_class=2)
     args = P.Args(figures=("7",), data_dir=str(data), out_dir=str(tmp_path / "figs"), train_args=TINY)
     results = P.main(args)
-    assert set(results) == {"cosine-isoloss-ema", "cosine-isoloss-noema"}
+    assert set(results) == {"cosine-isoloss-ema", "cosine-isoloss-noema", "cosine-directpred-noema"}
     for r in results.values():
         assert r["step"] == 4 and r["knn"] is not None and 1 <= r["near_top"] <= 16
         assert [s for s, _ in r["spectrum"]] == [2, 4] and len(r["spectrum"][0][1]) == 16

@@ -124,6 +124,18 @@ def execute(todo: list[dict], jobs: int, keep_going: bool = False) -> None:
                   f"ETA {rate * (len(todo) - done) / 60:5.1f} min", flush=True)
 
 
+def evaluate_random_init(folder: Path, seed: int, width: float, crop: int, **linear_eval_args) -> dict:
+    """linear_eval.py on the backbone a training run with `seed` starts from (the training scripts seed,
+    then build the backbone first), saved as folder/backbone.pt; its linear_eval.json goes beside it."""
+    import torch
+    import common
+    import linear_eval as L
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    common.atomic_save(common.resnet18(width, common.uses_small_stem(crop)).state_dict(), folder / "backbone.pt")
+    return L.main(L.Args(checkpoint=str(folder / "backbone.pt"), num_workers=0, crop=crop, **linear_eval_args))
+
+
 def references(args: Args) -> dict:
     """The same backbone at random initialisation (one per seed, as each run starts) and the raw pixels,
     evaluated with linear_eval.py's protocol."""
@@ -137,11 +149,7 @@ def references(args: Args) -> dict:
     crop = preset.crop or D.CROP_SIZE["digits"]
     out = {}
     for seed in args.seeds:
-        path = Path(args.out_dir) / f"random-init-s{seed}" / "backbone.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)  # as train_*.py does before building the Learner, whose backbone comes first
-        common.atomic_save(common.resnet18(preset.width, common.uses_small_stem(crop)).state_dict(), path)
-        out[seed] = L.main(L.Args(checkpoint=str(path), dataset="digits", num_workers=0, crop=crop))
+        out[seed] = evaluate_random_init(Path(args.out_dir) / f"random-init-s{seed}", seed, preset.width, crop, dataset="digits")
     view = D.eval_transform("digits", crop)
     (x, y), (xt, yt) = ((torch.stack([view(im) for im, _ in ds]).flatten(1), torch.tensor(ds.targets))
                         for ds in (D.load_dataset("digits", "", split) for split in ("train", "test")))

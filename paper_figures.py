@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from laptop_grid import cpu_name, execute
+from laptop_grid import cpu_name, evaluate_random_init, execute
 
 REPO = Path(__file__).resolve().parent
 ROWS = {"directpred": ("DirectPred", ["--predictor", "directpred", "--no-isoloss"]),
@@ -109,18 +109,12 @@ def plan(args: Args) -> tuple[Path, str, list[dict]]:
 
 
 def random_init(out: Path, dataset: str, job: dict, args: Args) -> dict:
-    """linear_eval.py on the backbone a run starts from (the training scripts seed, then build it first)."""
-    import torch
-    import common
-    import linear_eval as L
+    """linear_eval.py on the backbone the runs start from (once; kept in out/random-init)."""
+    import data as D
     config = json.loads((job["dir"] / "config.json").read_text())
-    crop = config["crop"] or __import__("data").CROP_SIZE[dataset]
-    path = out / "random-init" / "backbone.pt"
     if not (out / "random-init" / "linear_eval.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config["seed"])
-        common.atomic_save(common.resnet18(config["width"], common.uses_small_stem(crop)).state_dict(), path)
-        L.main(L.Args(checkpoint=str(path), dataset=dataset, data_dir=args.data_dir, num_workers=0, crop=crop))
+        evaluate_random_init(out / "random-init", config["seed"], config["width"], config["crop"] or D.CROP_SIZE[dataset],
+                             dataset=dataset, data_dir=args.data_dir)
     return json.loads((out / "random-init" / "linear_eval.json").read_text())
 
 

@@ -85,7 +85,8 @@ class LinearPredictor(nn.Linear):
         super().__init__(dim, dim, bias=False)
 
 
-# DirectPred and DirectCopy as in the authors' released config.
+# DirectPred and DirectCopy as in the authors' released config: the one place of their spectra. The
+# running C's decay tau_c is a training setting (Args.tau_c: 0.998 with the EMA target, 0.5 without).
 CLOSED_FORM = {"directpred": dict(alpha=0.5, eps=0.0), "directcopy": dict(alpha=1.0, eps=0.25)}
 
 
@@ -114,7 +115,7 @@ class ClosedFormPredictor(nn.Module):
     Under torch.distributed the batch term is averaged over ranks first: every rank holds the same C.
     """
 
-    def __init__(self, dim: int = 256, alpha: float = 0.5, eps: float = 0.0, tau: float = 0.998):
+    def __init__(self, dim: int, alpha: float, eps: float, tau: float):
         super().__init__()
         if alpha <= 0 or eps < 0 or not 0 <= tau < 1:
             raise ValueError(f"ClosedFormPredictor needs alpha > 0, eps >= 0, 0 <= tau < 1; got {alpha=}, {eps=}, {tau=}")
@@ -155,9 +156,10 @@ class ClosedFormPredictor(nn.Module):
         return f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, tau={self.tau}"
 
 
-def build_predictor(kind: str, dim: int = 256, hidden: int = 4096, tau: float = 0.998,
-                    alpha: float | None = None, eps: float | None = None) -> nn.Module:
-    """mlp, linear, directpred, directcopy (alpha/eps default to their presets) or none (the ablation)."""
+def build_predictor(kind: str, dim: int, hidden: int, tau: float, alpha: float | None = None,
+                    eps: float | None = None) -> nn.Module:
+    """mlp, linear, directpred, directcopy (alpha/eps default to CLOSED_FORM's) or none (the ablation);
+    tau is the running C's decay (closed-form predictors only)."""
     if kind in CLOSED_FORM:
         spec = CLOSED_FORM[kind]
         return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha, spec["eps"] if eps is None else eps, tau)

@@ -122,7 +122,7 @@ def test_isoloss_needs_closed_form_predictor():
         for loss in ("cosine", "euclidean"):
             with pytest.raises(ValueError, match="IsoLoss needs a closed-form predictor"):
                 common.pair_loss(loss, True, pred, z, z)
-    common.check_isoloss(common.build_predictor("directcopy", 8))
+    common.check_isoloss(common.build_predictor("directcopy", 8, 16, 0.998))
 
 
 # --- closed-form predictor (METHOD.md 2) -------------------------------------------------------------
@@ -155,17 +155,17 @@ def test_closed_form_against_direct_matrix_powers():
 
 def test_directcopy_is_C_over_max_plus_quarter_identity():
     Z, Cm = known_C(seed=3)
-    pred = common.build_predictor("directcopy", 6, tau=0.0)
+    pred = common.build_predictor("directcopy", 6, 16, tau=0.0)
     pred.update(Z)
     torch.testing.assert_close(pred.W, Cm / torch.linalg.eigvalsh(Cm).max() + 0.25 * torch.eye(6))
     assert (pred.alpha, pred.eps) == (1.0, 0.25)
-    dp = common.build_predictor("directpred", 6)
+    dp = common.build_predictor("directpred", 6, 16, 0.998)
     assert (dp.alpha, dp.eps, dp.tau) == (0.5, 0.0, 0.998)
 
 
 def test_running_update_of_C():
     tau = 0.9
-    pred = common.ClosedFormPredictor(3, tau=tau)
+    pred = common.ClosedFormPredictor(3, **common.CLOSED_FORM["directpred"], tau=tau)
     B1, B2 = torch.tensor([[1.0, 0, 0], [0, 2, 0]]), torch.tensor([[1.0, 1, 1]])
     pred.update(B1)
     pred.update(B2)
@@ -174,7 +174,7 @@ def test_running_update_of_C():
 
 
 def test_degenerate_inputs():
-    pred = common.ClosedFormPredictor(4, tau=0.5)
+    pred = common.ClosedFormPredictor(4, **common.CLOSED_FORM["directpred"], tau=0.5)
     z = torch.randn(3, 4)
     torch.testing.assert_close(pred(z), z)  # before any data: W_P = I
     pred.update(torch.zeros(5, 4))  # all-zero C: still the identity, no NaN
@@ -190,13 +190,13 @@ def test_degenerate_inputs():
         pred.update(torch.tensor([[float("nan"), 0, 0, 0]]))
     torch.testing.assert_close(pred.C, good)
     with pytest.raises(ValueError):
-        common.ClosedFormPredictor(4, alpha=0.0)
+        common.ClosedFormPredictor(4, alpha=0.0, eps=0.0, tau=0.5)
 
 
 def _gloo_rank(rank, init_file, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    pred = common.ClosedFormPredictor(5, tau=0.5)
+    pred = common.ClosedFormPredictor(5, **common.CLOSED_FORM["directpred"], tau=0.5)
     for step in range(3):
         z = torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * rank + step))
         pred.update(z)

@@ -3,7 +3,7 @@
     python paper_figures.py                        # Figs. 3 and 7, the laptop set on Fashion-MNIST (7 runs)
     python paper_figures.py --figures 8            # Fig. 8, the laptop set (4 more runs)
     python paper_figures.py --figures ablations    # SimSiam without predictor / stop-gradient (2 runs)
-    python paper_figures.py --scale paper --dataset cifar10 --jobs 1   # the paper's runs (1,000 epochs each: a GPU)
+    python paper_figures.py --scale paper --dataset cifar10 --gpus 0,1   # the paper's runs (1,000 epochs each: GPUs)
     python paper_figures.py --draw-only            # redraw from the run directories as they are now
 
   Fig. 3  rows Euclidean / cosine loss, columns DirectPred / IsoLoss / BYOL's MLP predictor, all with the
@@ -13,16 +13,17 @@
   Fig. 8  weight decay 4e-4 / 1e-5 / 1e-6 for DirectPred and IsoLoss (cosine, EMA target).
 
 Each run is a preset of a training script with the method's predictor, loss and weight decay and
-nothing else changed: `python train_byol.py laptop --predictor P [--isoloss] [--loss L] [--weight-decay W]`
-(with the EMA target) or `python train_simsiam.py laptop --isoloss` (without); with --scale paper the
-script's own paper preset on --dataset instead of `laptop`. Then `python linear_eval.py` on its backbone,
-and once the same backbone at random initialisation. A finished run is not run again and an
-interrupted one resumes (the training scripts resume from last.pt): the same command continues.
+nothing else changed: `python train_byol.py laptop --predictor P [--isoloss] --loss L --weight-decay W`
+(with the EMA target) or `python train_simsiam.py laptop ...` (without); with --scale paper the
+script's own paper preset (`byol` / `simsiam`) on --dataset instead of `laptop`. Then
+`python linear_eval.py` on its backbone, and once the same backbone at random initialisation. The runs
+are grid.py's (the same command, the same directory under runs/DATASET-SCALE/): a run either of them
+made is not made again, and an interrupted one resumes from its last.pt.
 
-Written to --out-dir (default runs/paper_figures/DATASET-SCALE/): fig3.png, fig7.png, fig8.png,
-ablations.png (those asked for), figures.json (per run: its command, k-NN and linear top-1 from linear_eval.py, std(z/|z|),
-the share of the mean in z, and how many eigenvalues of C lie within a factor 10 of the largest, at
-the end and at every epoch), figures.md (the same as a table), and one run directory per run.
+Written to --results-dir (default results/DATASET-SCALE/): fig3.png, fig7.png, fig8.png, ablations.png
+(those asked for), figures.json (per run: its command, k-NN and linear top-1 from linear_eval.py,
+std(z/|z|), the share of the mean in z, and how many eigenvalues of C lie within a factor 10 of the
+largest, at the end and at every epoch) and figures.md (the same as a table).
 """
 
 from __future__ import annotations
@@ -36,20 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from laptop_grid import cpu_name, evaluate_random_init, execute
+from grid import ROWS, eval_command, evaluate_random_init, execute, machine_line, run_name, slots, train_command
 
-REPO = Path(__file__).resolve().parent
-ROWS = {"directpred": ("DirectPred", ["--predictor", "directpred", "--no-isoloss"]),
-        "isoloss": ("IsoLoss", ["--predictor", "directpred", "--isoloss"]),
-        "mlp": ("BYOL (MLP predictor)", ["--predictor", "mlp", "--no-isoloss"]),
-        "no-predictor": ("ablation: no predictor", ["--predictor", "none", "--no-isoloss"]),
-        "no-stop-grad": ("ablation: no stop-gradient", ["--predictor", "mlp", "--no-isoloss", "--no-stop-grad"])}
 FIG3 = ("directpred", "isoloss", "mlp")  # its columns
 DECAYS = (4e-4, 1e-5, 1e-6)  # Fig. 8; 1e-5 is every preset's
-
-
-def run_name(method: str, loss: str = "cosine", ema: bool = True, wd: float = 1e-5) -> str:
-    return f"{loss}-{method}-{'ema' if ema else 'noema'}" + ("" if wd == 1e-5 else f"-wd{wd:g}")
 
 
 def figure_file(figure: str) -> str:
@@ -77,10 +68,16 @@ class Args:
     """data set of the runs (default: fashionmnist for the laptop, cifar10 for the paper)"""
     data_dir: str = "data"
     """passed to the training scripts and linear_eval.py"""
-    out_dir: str = ""
-    """where the figures and the run directories go (default runs/paper_figures/DATASET-SCALE)"""
+    seed: int = 0
+    """seed of every run"""
+    runs_dir: str = "runs"
+    """run directories go to RUNS_DIR/DATASET-SCALE/ (grid.py's)"""
+    results_dir: str = ""
+    """where the figures and their tables go (default results/DATASET-SCALE)"""
     jobs: int = 2
-    """training runs at a time, one thread each (2 on a 2-core machine; 1 per GPU)"""
+    """on the CPU: runs at a time, each with cores / jobs threads (2 on a 2-core machine)"""
+    gpus: str = ""
+    """GPU indices to use, e.g. "0,1" (empty: the CPU), one run per GPU"""
     train_args: str = ""
     """more options for every training run, e.g. "--epochs 4" for a quick look (figures.json records them)"""
     draw_only: bool = False
@@ -88,34 +85,28 @@ class Args:
 
 
 def plan(args: Args) -> tuple[Path, str, list[dict]]:
+    """(the run directories' folder, the data set, every run the figures need, each once)."""
     dataset = args.dataset or ("fashionmnist" if args.scale == "laptop" else "cifar10")
-    out = Path(args.out_dir or f"runs/paper_figures/{dataset}-{args.scale}")
+    out = Path(args.runs_dir) / f"{dataset}-{args.scale}"
     jobs, seen = [], set()
     for fig in args.figures:
         for method, loss, ema, wd in figure_runs(fig):
-            name = run_name(method, loss, ema, wd)
+            name = run_name(method, loss, ema, wd, args.seed)
             if name in seen:
                 continue
             seen.add(name)
-            script = "train_byol.py" if ema else "train_simsiam.py"
-            preset = "laptop" if args.scale == "laptop" else ("byol" if ema else "simsiam")
-            train = [sys.executable, script, preset, *ROWS[method][1], "--loss", loss, "--weight-decay", f"{wd:g}",
-                     "--dataset", dataset, "--data-dir", args.data_dir, "--out-dir", str(out / name), "--log-every", "1000",
-                     *shlex.split(args.train_args)]
-            lin = [sys.executable, "linear_eval.py", "--checkpoint", str(out / name / "backbone.pt"), "--dataset", dataset,
-                   "--data-dir", args.data_dir, "--num-workers", "0"]
-            jobs.append(dict(name=name, method=method, loss=loss, ema=ema, wd=wd, dir=out / name, cmds=[train, lin]))
+            train = train_command(method, ema, args.scale, dataset, args.data_dir, out / name, args.seed, loss, wd, args.train_args)
+            jobs.append(dict(name=name, method=method, loss=loss, ema=ema, wd=wd, dir=out / name,
+                             cmds=[train, eval_command(out / name, dataset, args.data_dir)]))
     return out, dataset, jobs
 
 
 def random_init(out: Path, dataset: str, job: dict, args: Args) -> dict:
-    """linear_eval.py on the backbone the runs start from (once; kept in out/random-init)."""
+    """linear_eval.py on the backbone the runs start from (once; kept in out/random-init-sSEED, as grid.py's)."""
     import data as D
     config = json.loads((job["dir"] / "config.json").read_text())
-    if not (out / "random-init" / "linear_eval.json").exists():
-        evaluate_random_init(out / "random-init", config["seed"], config["width"], config["crop"] or D.CROP_SIZE[dataset],
-                             dataset=dataset, data_dir=args.data_dir)
-    return json.loads((out / "random-init" / "linear_eval.json").read_text())
+    return evaluate_random_init(out / f"random-init-s{args.seed}", config["seed"], config["width"],
+                                config["crop"] or D.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
 
 
 def near_top(eigenvalues: list[float], factor: float = 10.0) -> int:
@@ -135,7 +126,7 @@ def collect(job: dict) -> dict | None:
     lin = json.loads(lin.read_text()) if lin.exists() else None
     failed = job["dir"] / "failed.txt"
     return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
-                command=" ".join(map(str, job["cmds"][0][1:])), step=last["step"], epochs=last["epoch"],
+                command="python " + shlex.join(job["cmds"][0]), step=last["step"], epochs=last["epoch"],
                 knn=None if lin is None else 100 * lin["knn"]["results"]["k=20"]["top1"],
                 linear=None if lin is None else 100 * lin["offline_linear"]["top1"],
                 std=last["std_normalized_z"], healthy_std=1 / math.sqrt(len(last["eigenvalues"])),
@@ -162,22 +153,23 @@ def table(results: dict, ref: dict | None, header: str) -> str:
     return "\n".join([header, "", *rows])
 
 
-def draw(figure: str, results: dict, path: Path, title: str) -> None:
+def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     if figure == "3":
-        grid = [[run_name(m, loss) for m in FIG3] for loss in ("euclidean", "cosine")]
+        grid = [[run_name(m, loss, seed=seed) for m in FIG3] for loss in ("euclidean", "cosine")]
         labels = [[f"{loss}: {ROWS[m][0]}" for m in FIG3] for loss in ("euclidean", "cosine")]
     elif figure == "7":
-        grid = [[run_name("isoloss", ema=True), run_name("isoloss", ema=False), run_name("directpred", ema=False)]]
+        grid = [[run_name("isoloss", ema=True, seed=seed), run_name("isoloss", ema=False, seed=seed),
+                 run_name("directpred", ema=False, seed=seed)]]
         labels = [["IsoLoss, with the EMA target", "IsoLoss, without (SimSiam-style)", "DirectPred, without"]]
     elif figure == "ablations":
-        grid = [[run_name(m, ema=False) for m in ("no-predictor", "no-stop-grad")]]
+        grid = [[run_name(m, ema=False, seed=seed) for m in ("no-predictor", "no-stop-grad")]]
         labels = [[ROWS[m][0] + " (without EMA)" for m in ("no-predictor", "no-stop-grad")]]
     else:
-        grid = [[run_name(m, wd=wd) for wd in DECAYS] for m in ("directpred", "isoloss")]
+        grid = [[run_name(m, wd=wd, seed=seed) for wd in DECAYS] for m in ("directpred", "isoloss")]
         labels = [[f"{ROWS[m][0]}, weight decay {wd:g}" for wd in DECAYS] for m in ("directpred", "isoloss")]
     cols = len(grid[0]) + 1
     fig, axes = plt.subplots(len(grid), cols, figsize=(4.2 * cols, 3.4 * len(grid)), squeeze=False)
@@ -210,37 +202,42 @@ def draw(figure: str, results: dict, path: Path, title: str) -> None:
 
 
 def main(args: Args) -> dict:
+    import common
     if args.jobs < 1:
         raise SystemExit("error: --jobs must be >= 1")
     out, dataset, jobs = plan(args)
-    out.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(args.results_dir or f"results/{dataset}-{args.scale}")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_line(args.gpus, 1, args.jobs)
     t0 = time.perf_counter()
     if not args.draw_only:
         # A run that stopped on a fault (a divergence, say) is a result: kept in failed.txt and not run again.
         todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists() and not (j["dir"] / "failed.txt").exists()]
         print(f"paper figures {', '.join(args.figures)}: {len(jobs)} runs ({len(jobs) - len(todo)} done or stopped already), "
-              f"{args.jobs} at a time, on {cpu_name()} -> {out}", flush=True)
-        execute(todo, args.jobs, keep_going=True)
+              f"on {machine} -> {results_dir}", flush=True)
+        execute(todo, slots(args.gpus, 1, args.jobs), keep_going=True)
         for job in todo:
             if job.get("failed"):
                 (job["dir"] / "failed.txt").write_text(job["failed"] + "\n")
     results = {r["name"]: r for r in map(collect, jobs) if r is not None}
     started = [j for j in jobs if j["name"] in results]
+    init = out / f"random-init-s{args.seed}" / "linear_eval.json"
     ref = random_init(out, dataset, started[0], args) if started and not args.draw_only else None
-    if ref is None and (out / "random-init" / "linear_eval.json").exists():
-        ref = json.loads((out / "random-init" / "linear_eval.json").read_text())
-    title = f"{dataset}, {args.scale} scale{f' ({args.train_args})' if args.train_args else ''}; on {cpu_name()}"
+    if ref is None and init.exists():
+        ref = json.loads(init.read_text())
+    title = f"{dataset}, {args.scale} scale{f' ({args.train_args})' if args.train_args else ''}; on {machine}"
     for fig in args.figures:
-        draw(fig, results, out / figure_file(fig), f"{'Fig. ' + fig if fig.isdigit() else 'Collapse ablations'}: {title}")
+        draw(fig, results, results_dir / figure_file(fig), f"{'Fig. ' + fig if fig.isdigit() else 'Collapse ablations'}: {title}",
+             args.seed)
     header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
-              f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {cpu_name()}, "
+              f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {machine}, "
               f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py on the test split.")
-    (out / "figures.md").write_text(table(results, ref, header) + "\n")
-    (out / "figures.json").write_text(json.dumps(dict(runs=results, random_init=ref, cpu=cpu_name(), dataset=dataset,
-                                                      scale=args.scale, train_args=args.train_args,
-                                                      minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
+    common.atomic_write_text(results_dir / "figures.md", table(results, ref, header) + "\n")
+    common.atomic_write_text(results_dir / "figures.json", json.dumps(dict(
+        runs=results, random_init=ref, machine=machine, dataset=dataset, scale=args.scale, train_args=args.train_args,
+        minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
     print(table(results, ref, header) + f"\n\nwrote {', '.join(map(figure_file, args.figures))}, figures.md, "
-          f"figures.json in {out}")
+          f"figures.json in {results_dir}")
     return results
 
 

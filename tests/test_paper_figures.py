@@ -1,8 +1,5 @@
-"""paper_figures.py: which runs each figure needs, with which command; the runs, the figures and
-the table from two tiny runs on Fashion-MNIST's format; and a second call that runs nothing again."""
-
-import json
-import sys
+"""paper_figures.py: which runs each figure needs, with which command; a run that diverges is a result,
+reported and not run again. (Drawing from tiny runs: tests/test_grid.py, on the grid's runs.)"""
 
 import paper_figures as P
 from tiny_data import write_fashionmnist
@@ -16,46 +13,30 @@ def test_each_figure_plans_the_papers_runs_with_the_method_and_nothing_else_chan
     assert dataset == "fashionmnist" and out.name == "fashionmnist-laptop"
     by_name = {j["name"]: j for j in jobs}
     assert len(jobs) == 6 + 2 + 4  # Fig. 3's six, Fig. 7's two runs without EMA, Fig. 8's four other decays
-    train = by_name["euclidean-isoloss-ema"]["cmds"][0]
-    assert train[1:3] == ["train_byol.py", "laptop"] and train[train.index("--loss") + 1] == "euclidean"
+    train = by_name["euclidean-isoloss-ema-s0"]["cmds"][0]
+    assert train[:2] == ["train_byol.py", "laptop"] and train[train.index("--loss") + 1] == "euclidean"
     assert "--isoloss" in train and train[train.index("--predictor") + 1] == "directpred"
-    assert by_name["cosine-isoloss-noema"]["cmds"][0][1] == "train_simsiam.py"
-    assert by_name["cosine-directpred-ema-wd0.0004"]["cmds"][0][by_name["cosine-directpred-ema-wd0.0004"]["cmds"][0].index("--weight-decay") + 1] == "0.0004"
-    assert all(j["cmds"][1][1] == "linear_eval.py" for j in jobs)
+    assert by_name["cosine-isoloss-noema-s0"]["cmds"][0][0] == "train_simsiam.py"
+    decayed = by_name["cosine-directpred-ema-wd0.0004-s0"]["cmds"][0]
+    assert decayed[decayed.index("--weight-decay") + 1] == "0.0004"
+    assert all(j["cmds"][1][0] == "linear_eval.py" for j in jobs)
     _, dataset, jobs = P.plan(P.Args(figures=("3",), scale="paper"))
-    assert dataset == "cifar10" and {j["cmds"][0][2] for j in jobs} == {"byol"}
-
-
-def test_figure_7_from_three_tiny_runs_then_nothing_is_run_again(tmp_path):
-    data = write_fashionmnist(tmp_path / "fmnist", n_train_per_class=4, n_test_per_class=2)
-    args = P.Args(figures=("7",), data_dir=str(data), out_dir=str(tmp_path / "figs"), train_args=TINY)
-    results = P.main(args)
-    assert set(results) == {"cosine-isoloss-ema", "cosine-isoloss-noema", "cosine-directpred-noema"}
-    for r in results.values():
-        assert r["step"] == 4 and r["knn"] is not None and 1 <= r["near_top"] <= 16
-        assert [s for s, _ in r["spectrum"]] == [2, 4] and len(r["spectrum"][0][1]) == 16
-    saved = json.loads((tmp_path / "figs" / "figures.json").read_text())
-    assert saved["random_init"]["knn"]["results"]["k=20"]["top1"] >= 0
-    assert "random init" in (tmp_path / "figs" / "figures.md").read_text()
-    assert (tmp_path / "figs" / "fig7.png").stat().st_size > 10_000
-    # Again: every run has its linear_eval.json, so nothing runs; the figures of runs never made still draw.
-    stamp = (tmp_path / "figs" / "cosine-isoloss-ema" / "last.pt").stat().st_mtime_ns
-    P.main(P.Args(figures=("3", "7"), data_dir=str(data), out_dir=str(tmp_path / "figs"), train_args=TINY, draw_only=True))
-    assert (tmp_path / "figs" / "cosine-isoloss-ema" / "last.pt").stat().st_mtime_ns == stamp
-    assert (tmp_path / "figs" / "fig3.png").exists()
+    assert dataset == "cifar10" and {j["cmds"][0][1] for j in jobs} == {"byol"}
 
 
 def test_a_run_that_diverges_is_reported_and_not_run_again(tmp_path):
     data = write_fashionmnist(tmp_path / "fmnist", n_train_per_class=4, n_test_per_class=2)
-    args = P.Args(figures=("ablations",), data_dir=str(data), out_dir=str(tmp_path / "figs"), train_args=TINY + " --lr 1e30")
+    args = P.Args(figures=("ablations",), data_dir=str(data), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "figs"),
+                  train_args=TINY + " --lr 1e30")
+    runs = tmp_path / "runs" / "fashionmnist-laptop"
     results = P.main(args)
-    for name in ("cosine-no-predictor-noema", "cosine-no-stop-grad-noema"):
-        assert "NaN or Inf" in (tmp_path / "figs" / name / "failed.txt").read_text()
+    for name in ("cosine-no-predictor-noema-s0", "cosine-no-stop-grad-noema-s0"):
+        assert "NaN or Inf" in (runs / name / "failed.txt").read_text()
         assert name not in results  # it stopped before its first epoch: nothing to draw
     assert "ablations.png" in [p.name for p in (tmp_path / "figs").iterdir()]
-    log = (tmp_path / "figs" / "cosine-no-predictor-noema" / "log.txt").read_text()
+    log = (runs / "cosine-no-predictor-noema-s0" / "log.txt").read_text()
     P.main(args)  # nothing runs again: the log is as it was
-    assert (tmp_path / "figs" / "cosine-no-predictor-noema" / "log.txt").read_text() == log
+    assert (runs / "cosine-no-predictor-noema-s0" / "log.txt").read_text() == log
 
 
 def test_the_table_says_where_a_run_stopped():

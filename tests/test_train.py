@@ -440,25 +440,10 @@ def test_two_processes_with_torchrun_hold_the_same_C_and_weights(tmp_path, data)
 # --- collapse of the ablations (METHOD.md section 1) -------------------------------------------------
 
 
-def test_ablations_collapse_while_simsiam_keeps_its_variance(tmp_path, data):
-    # The smallest setting where this shows on a CPU: 8 steps at lr 0.1 (1.6 x 16/256).
-    final, first = {}, {}
-    for name in ("simsiam", "no-predictor", "no-stop-grad"):
-        args = tiny(S.PRESETS[name][1], data, "imagefolder", tmp_path / name, batch_size=16, steps_per_epoch=4,
-                    epochs=2, lr=1.6, log_every=100)
-        S.train(args)
-        stds = [m["std_normalized_z"] for m in metrics(tmp_path / name)]
-        first[name], final[name] = stds[0], stds[-1]
-    healthy = 1 / 4  # 1/sqrt(d), d = 16
-    assert final["simsiam"] > 0.6 * healthy
-    for name in ("no-predictor", "no-stop-grad"):
-        assert final[name] < 0.5 * first[name] and final[name] < 0.3 * healthy, (name, first[name], final[name])
-
-
 def test_on_real_digits_the_health_metrics_tell_the_collapsed_ablations_from_simsiam(tmp_path):
-    """What the investigation established (README, "What the deep runs show"), in seconds on real
-    images: the ablations collapse onto one direction of z, which std(z/|z|) of the training batches
-    shows (and the collapse warning reports), with a larger share of the mean in z than SimSiam's;
+    """The collapse ablations against SimSiam, in seconds on real images (the README's laptop runs show the
+    same at length): the ablations collapse onto one direction of z, which std(z/|z|) of the training
+    batches shows (and the collapse warning reports), with a larger share of the mean in z than SimSiam's;
     SimSiam's MLP predictor keeps z spread out."""
     d, final = 16, {}
     for name in ("simsiam", "no-predictor", "no-stop-grad"):

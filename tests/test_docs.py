@@ -1,6 +1,7 @@
 """METHOD.md is what the code claims to implement: every reference to one of its sections exists, and
 every function or class it names as the place of an equation exists in the code."""
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -32,12 +33,46 @@ def test_every_function_METHOD_md_names_exists():
     assert len(names) > 15 and not missing, missing
 
 
-def test_the_readmes_fashion_mnist_table_is_the_committed_results_table():
-    """The README quotes results/paper_figures/fashionmnist-laptop/figures.md, as written by paper_figures.py."""
+def block(name: str) -> str:
+    """The README's text between <!-- NAME --> and <!-- /NAME -->."""
     readme = (REPO / "README.md").read_text()
-    quoted = readme.split("<!-- fashionmnist-table -->\n", 1)[1].split("<!-- /fashionmnist-table -->", 1)[0]
-    written = (REPO / "results" / "paper_figures" / "fashionmnist-laptop" / "figures.md").read_text()
-    table = [line for line in written.splitlines() if line.startswith("|")]
-    assert len(table) > 10 and quoted.strip() == written.strip()
-    for figure in ("fig3.png", "fig7.png", "fig8.png", "ablations.png"):
-        assert (REPO / "results" / "paper_figures" / "fashionmnist-laptop" / figure).is_file()
+    return readme.split(f"<!-- {name} -->\n", 1)[1].split(f"<!-- /{name} -->", 1)[0]
+
+
+def numbers(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", text))
+
+
+def formatted(value, places=(1, 2, 3)) -> set[str]:
+    """Every way the README may print the numbers in a JSON value."""
+    if isinstance(value, dict):
+        return set().union(*map(formatted, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(formatted, value)) if value else set()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {f"{value:.{k}f}" for k in places}
+    return set()
+
+
+def test_the_readmes_laptop_results_are_the_committed_files():
+    """The README's tables are grid.md and figures.md as the commands wrote them, and every number its
+    text quotes around them is in grid.json or figures.json."""
+    results = REPO / "results" / "fashionmnist-laptop"
+    for name, table in (("laptop-grid-table", "grid.md"), ("fashionmnist-table", "figures.md")):
+        written = (results / table).read_text()
+        assert len([line for line in written.splitlines() if line.startswith("|")]) > 10
+        assert block(name).strip() == written.strip(), f"README's {name} is not {results / table}"
+    grid, figures = (json.loads((results / name).read_text()) for name in ("grid.json", "figures.json"))
+    known = formatted([{k: v for k, v in r.items() if k != "provenance"} for r in grid["runs"]]) | formatted(grid["random_init"])
+    for r in figures["runs"].values():  # the numbers of each run, and the largest eigenvalue of C at its end
+        known |= formatted({k: v for k, v in r.items() if k not in ("spectrum", "near_top_by_step")}) | formatted(max(r["spectrum"][-1][1]))
+    quoted = numbers(block("laptop-claims"))
+    assert len(quoted) > 20 and not sorted(quoted - known)
+    for figure in ("knn.png", "fig3.png", "fig7.png", "fig8.png", "ablations.png"):
+        assert (results / figure).is_file() and f"results/fashionmnist-laptop/{figure}" in (REPO / "README.md").read_text()
+
+
+def test_the_readmes_toy_numbers_are_in_the_committed_summary():
+    summary = json.loads((REPO / "results" / "toy_linear" / "summary.json").read_text())
+    quoted = numbers(block("toy-table"))
+    assert len(quoted) > 5 and not sorted(quoted - formatted(summary) - {"1e-9"})

@@ -246,14 +246,13 @@ def run_settings(job: dict):
     return importlib.import_module(script.removesuffix(".py")).parse(argv)
 
 
-def step_cost(job: dict, repeats: int) -> tuple[float | None, float]:
+def step_cost(script: str, s, repeats: int) -> tuple[float | None, float]:
     """(seconds per training step on this machine, or None when repeats is 0; FLOPs per step), from the
-    script's own model, optimiser and step on random views of the run's size."""
+    script's own model, optimiser and step at its settings `s`, on random views of the run's size."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     import common
     import data as D
-    script, s = job["cmds"][0][0], run_settings(job)
     module = importlib.import_module(script.removesuffix(".py"))
     device = common.pick_device("auto")
     crop, n_classes = s.crop or D.CROP_SIZE[s.dataset], TRAIN_IMAGES[s.dataset][1]
@@ -285,46 +284,48 @@ def step_cost(job: dict, repeats: int) -> tuple[float | None, float]:
     return (time.perf_counter() - t) / repeats * s.batch_size / batch, flops
 
 
-def total_steps(job: dict) -> int:
-    s = run_settings(job)
+def total_steps(s) -> int:
+    """Training steps of a run with the script's settings `s`."""
     return s.epochs * min(TRAIN_IMAGES[s.dataset][0] // s.batch_size, s.steps_per_epoch or sys.maxsize)
 
 
 def estimate(jobs: list[dict], args: Args) -> str:
     """The runs, their commands, and the time they will take: timed here (a few steps of each
-    configuration, as many threads as a run will have) and, scaled by FLOPs, on an H200."""
+    configuration, with as many threads as a run will have) and, scaled by FLOPs, on an H200."""
     import torch
     import train_byol as Tb
-    if not args.gpus:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
-    reference = dict(cmds=[["train_byol.py", "byol", "--dataset", "cifar10"]])
-    ref_flops = step_cost(reference, 0)[1]
+    envs, threads = slots(args.gpus, args.gpus_per_run, args.jobs), torch.get_num_threads()
     costs, lines, here_total, h200_total, paper = {}, [], 0.0, {}, scale_of(args) == "paper"
-    for job in jobs:
-        s = run_settings(job)
-        # the backbone's cost decides: one timing per script and model size, whatever the predictor
-        key = (job["cmds"][0][0], s.dataset, s.crop, s.width, s.batch_size, s.proj_hidden, s.proj_dim, s.pred_hidden)
-        if key not in costs:
-            costs[key] = step_cost(job, args.time_steps)
-        here, flops = costs[key]
-        steps = total_steps(job)
-        h200 = steps * H200_STEP_S * flops / ref_flops
-        done = (job["dir"] / "linear_eval.json").exists()
-        here_total += 0 if done or here is None else steps * here
-        h200_total[job["dataset"]] = h200_total.get(job["dataset"], 0.0) + (0 if done else h200)
-        lines.append(f"  {'done ' if done else '     '}{job['dataset']}/{job['dir'].name:<32} {steps:>7} steps   "
-                     f"here {'-' if here is None else hours(steps * here):>9}"
-                     + (f"   H200 {hours(h200):>9}" if paper else "") + "\n"
-                     f"        python {shlex.join(job['cmds'][0])}\n        python {shlex.join(job['cmds'][1])}")
-    concurrent = len(slots(args.gpus, args.gpus_per_run, args.jobs))
+    try:  # a run's share of the cores (its OMP_NUM_THREADS) while timing; the caller's afterwards
+        torch.set_num_threads(int(envs[0].get("OMP_NUM_THREADS", threads)))
+        ref_flops = step_cost("train_byol.py", Tb.parse(["byol", "--dataset", "cifar10"]), 0)[1]
+        for job in jobs:
+            script, s = job["cmds"][0][0], run_settings(job)
+            # the backbone's cost decides: one timing per script and model size, whatever the predictor
+            key = (script, s.dataset, s.crop, s.width, s.batch_size, s.proj_hidden, s.proj_dim, s.pred_hidden)
+            if key not in costs:
+                costs[key] = step_cost(script, s, args.time_steps)
+            here, flops = costs[key]
+            steps = total_steps(s)
+            h200 = steps * H200_STEP_S * flops / ref_flops
+            done = (job["dir"] / "linear_eval.json").exists()
+            here_total += 0 if done or here is None else steps * here
+            h200_total[job["dataset"]] = h200_total.get(job["dataset"], 0.0) + (0 if done else h200)
+            lines.append(f"  {'done ' if done else '     '}{job['dataset']}/{job['dir'].name:<32} {steps:>7} steps   "
+                         f"here {'-' if here is None else hours(steps * here):>9}"
+                         + (f"   H200 {hours(h200):>9}" if paper else "") + "\n"
+                         f"        python {shlex.join(job['cmds'][0])}\n        python {shlex.join(job['cmds'][1])}")
+    finally:
+        torch.set_num_threads(threads)
     return "\n".join([
-        f"grid: {len(jobs)} runs ({sum((j['dir'] / 'linear_eval.json').exists() for j in jobs)} done), {machine_line(args.gpus, args.gpus_per_run, args.jobs)}",
+        f"grid: {len(jobs)} runs ({sum((j['dir'] / 'linear_eval.json').exists() for j in jobs)} done), "
+        f"{machine_line(args.gpus, args.gpus_per_run, args.jobs)}",
         *lines,
-        f"training steps still to run: here {'(not timed)' if not args.time_steps else hours(here_total / concurrent)} "
-        f"({args.time_steps} timed steps per configuration, {concurrent} run(s) at a time)"
+        f"training steps still to run: here {'(not timed)' if not args.time_steps else hours(here_total / len(envs))} "
+        f"({args.time_steps} timed steps per configuration, {len(envs)} run(s) at a time)"
         + (f"; on one H200 {hours(sum(h200_total.values()))} ("
-           + ", ".join(f"{d} {hours(t)}" for d, t in h200_total.items()) + f"; from its measured {1e3 * H200_STEP_S:.0f} ms per BYOL step on CIFAR-10 at "
-           f"batch {Tb.PRESETS['byol'][1].batch_size}, scaled by FLOPs)" if paper else "")
+           + ", ".join(f"{d} {hours(t)}" for d, t in h200_total.items()) + f"; from its measured {1e3 * H200_STEP_S:.0f} ms "
+           f"per BYOL step on CIFAR-10 at batch {Tb.PRESETS['byol'][1].batch_size}, scaled by FLOPs)" if paper else "")
         + ". Evaluation, checkpoints and linear_eval.py add to it (6-11% of each epoch in the laptop runs)."])
 
 
@@ -441,12 +442,7 @@ def main(args: Args) -> list[dict]:
     scale, jobs, envs = scale_of(args), plan(args), slots(args.gpus, args.gpus_per_run, args.jobs)
     results_dir = Path(args.results_dir or f"results/{'+'.join(args.dataset)}-{scale}")
     if args.dry_run:
-        import torch
-        threads = torch.get_num_threads()  # the timing takes a run's share of the cores; give them back after
-        try:
-            print(estimate(jobs, args))
-        finally:
-            torch.set_num_threads(threads)
+        print(estimate(jobs, args))
         return []
     todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists()]
     machine = machine_line(args.gpus, args.gpus_per_run, args.jobs)

@@ -300,8 +300,8 @@ class ResNet18(nn.Module):
     """ResNet-18 with torchvision's parameter names: at width 1 its state_dict loads strictly into
     torchvision.models.resnet18() after the same stem change and fc = Identity. small_stem (the release's
     CIFAR stem, for crops of 32 pixels or less): first conv 3x3, stride 1, padding 2, PyTorch's default
-    init, no max-pool; larger crops keep torchvision's 7x7 stem and max-pool, as the release does. width scales the channels (64, 128, 256,
-    512) for CPU trials; out_dim = 512 * width is the feature size."""
+    init, no max-pool; larger crops keep torchvision's 7x7 stem and max-pool, as the release does.
+    width scales the channels (64, 128, 256, 512) for CPU trials; out_dim = 512 * width is the feature size."""
 
     def __init__(self, width: float = 1.0, small_stem: bool = True):
         super().__init__()

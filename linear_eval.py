@@ -35,7 +35,8 @@ The protocol, step by step:
   4. The backbone hash is taken again: the run fails if the weights changed.
 
 What --checkpoint accepts: a state_dict of common.resnet18 (any width; 3x3 stem = small stem, run
-with the release's padding 2, which a state_dict cannot record; 7x7 = ImageNet stem; fc.* keys dropped), which includes torchvision's resnet18().state_dict();
+with the release's padding 2, which a state_dict cannot record; 7x7 = ImageNet stem; fc.* keys
+dropped), which includes torchvision's resnet18().state_dict();
 or a dict holding one somewhere: under 'backbone' first (the training scripts' last.pt), else
 any nested dict, and key prefixes such as 'module.' or 'online.backbone.' are stripped (an EMA
 'target' / 'momentum' / 'teacher' copy is only taken if nothing else is there). Anything else

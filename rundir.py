@@ -60,7 +60,7 @@ def open_run(out: Path, settings: dict) -> dict | None:
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing or ckpt["format"] != FORMAT:
             common.die(f"{out / 'last.pt'}: not a checkpoint of this version of the training scripts (missing "
-                  f"{', '.join(missing) or 'format'}); move it away or pass --overwrite to start afresh")
+                       f"{', '.join(missing) or 'format'}); move it away or pass --overwrite to start afresh")
         previous = ckpt["args"]
     elif (out / "config.json").exists():  # a run that stopped before its first checkpoint
         try:
@@ -69,7 +69,7 @@ def open_run(out: Path, settings: dict) -> dict | None:
             common.die(f"{out / 'config.json'}: unreadable ({e}); move it away or pass --overwrite")
     if previous is not None and (diff := settings_diff(previous, settings)) and not settings["allow_changes"]:
         common.die(f"{out} holds a run with other settings ({'; '.join(diff)}): use another --out-dir, "
-              "--overwrite to start afresh, or --allow-changes to resume with the new settings")
+                   "--overwrite to start afresh, or --allow-changes to resume with the new settings")
     return ckpt
 
 
@@ -117,7 +117,7 @@ def provenance() -> dict:
 def save(out: Path, settings: dict, step: int, parts: dict, **state) -> None:
     """last.pt, atomically: the settings, the step, every part's state, the RNG, and `state`."""
     common.atomic_save(dict(format=FORMAT, args=settings, step=step, **{k: p.state_dict() for k, p in parts.items()},
-                       rng=dict(torch=torch.get_rng_state()), **state), out / "last.pt")
+                            rng=dict(torch=torch.get_rng_state()), **state), out / "last.pt")
 
 
 def export_backbone(backbone: nn.Module, out: Path, **meta) -> None:

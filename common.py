@@ -109,17 +109,21 @@ class ClosedFormPredictor(nn.Module):
     eigendecomposes C once (eigh, float64) and caches W_P and W_P^(1/2); calling the module
     returns p = W_P z, and sqrt(z) returns W_P^(1/2) z. W_P is a constant for autograd. The training
     scripts update once per view, each view predicted right after its own update (the release's order).
+    normalize=True (the release's default) divides the eigenvalues by the largest: W_P's scale is fixed
+    (its top eigenvalue is 1) whatever the size of z. normalize=False keeps s itself, the toy theory's
+    W_P (METHOD.md 4): the Euclidean loss then pins every mode's variance at 1 instead of leaving the
+    scale of z free.
     Edge cases, by design: before the first update, and whenever C is all zeros, W_P = I (s / max(s)
     is undefined there); with eps = 0 the null directions of C get 0 in W_P; round-off negative
     eigenvalues are clipped at 0; NaN or Inf in z raise FloatingPointError before C is touched.
     Under torch.distributed the batch term is averaged over ranks first: every rank holds the same C.
     """
 
-    def __init__(self, dim: int, alpha: float, eps: float, tau: float):
+    def __init__(self, dim: int, alpha: float, eps: float, tau: float, normalize: bool = True):
         super().__init__()
         if alpha <= 0 or eps < 0 or not 0 <= tau < 1:
             raise ValueError(f"ClosedFormPredictor needs alpha > 0, eps >= 0, 0 <= tau < 1; got {alpha=}, {eps=}, {tau=}")
-        self.alpha, self.eps, self.tau = alpha, eps, tau
+        self.alpha, self.eps, self.tau, self.normalize = alpha, eps, tau, normalize
         self.register_buffer("C", torch.zeros(dim, dim, dtype=torch.float64))
         self.register_buffer("eigvals", torch.zeros(dim, dtype=torch.float64))
         # Kept in float64 (they are tiny) and cast to the input's dtype in forward.
@@ -138,7 +142,8 @@ class ClosedFormPredictor(nn.Module):
         self.eigvals.copy_(s)
         s_max = s.max()
         # torch.where instead of `if s_max > 0` keeps this free of another host sync.
-        s_hat = torch.where(s_max > 0, s.clamp_min(0) / s_max, torch.ones_like(s)) + self.eps
+        scale = s_max if self.normalize else torch.ones_like(s_max)
+        s_hat = torch.where(s_max > 0, s.clamp_min(0) / scale, torch.ones_like(s)) + self.eps
         # New tensors, not copies into the old ones: the previous view's graph may still hold W (in float64
         # forward uses W itself), and an in-place write would corrupt that view's backward.
         self.W = (U * s_hat.pow(self.alpha)) @ U.T
@@ -153,16 +158,18 @@ class ClosedFormPredictor(nn.Module):
         return z @ self.W_sqrt.to(z.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, tau={self.tau}"
+        return f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, tau={self.tau}, normalize={self.normalize}"
 
 
 def build_predictor(kind: str, dim: int, hidden: int, tau: float, alpha: float | None = None,
-                    eps: float | None = None) -> nn.Module:
+                    eps: float | None = None, normalize: bool = True) -> nn.Module:
     """mlp, linear, directpred, directcopy (alpha/eps default to CLOSED_FORM's) or none (the ablation);
-    tau is the running C's decay (closed-form predictors only)."""
+    tau, normalize: the running C's decay and whether W_P's spectrum is divided by its largest value
+    (closed-form predictors only)."""
     if kind in CLOSED_FORM:
         spec = CLOSED_FORM[kind]
-        return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha, spec["eps"] if eps is None else eps, tau)
+        return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha, spec["eps"] if eps is None else eps, tau,
+                                   normalize)
     others = {"mlp": lambda: MLPPredictor(dim, hidden), "linear": lambda: LinearPredictor(dim), "none": nn.Identity}
     if kind not in others:
         raise ValueError(f"unknown predictor {kind!r}; choose one of {', '.join([*others, *CLOSED_FORM])}")

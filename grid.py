@@ -118,17 +118,19 @@ def scale_of(args: Args) -> str:
     return args.scale if args.scale != "auto" else "laptop" if laptop == {True} else "paper"
 
 
-def run_name(row: str, loss: str = "cosine", ema: bool = True, wd: float = 1e-5, seed: int = 0) -> str:
-    """A run's directory name: the same run has the same name in the grid and in paper_figures.py."""
-    return f"{loss}-{row}-{'ema' if ema else 'noema'}" + ("" if wd == 1e-5 else f"-wd{wd:g}") + f"-s{seed}"
+def run_name(row: str, loss: str = "cosine", ema: bool = True, wd: float = 1e-5, seed: int = 0, raw: bool = False) -> str:
+    """A run's directory name: the same run has the same name in the grid and in paper_figures.py (raw: W_P from
+    C's own eigenvalues, --no-normalize-spectrum)."""
+    return (f"{loss}-{row}-{'ema' if ema else 'noema'}" + ("" if wd == 1e-5 else f"-wd{wd:g}") + ("-raw" if raw else "")
+            + f"-s{seed}")
 
 
 def train_command(row: str, ema: bool, scale: str, dataset: str, data_dir: str, run_dir: Path, seed: int = 0,
-                  loss: str = "cosine", wd: float = 1e-5, extra: str = "") -> list[str]:
+                  loss: str = "cosine", wd: float = 1e-5, extra: str = "", raw: bool = False) -> list[str]:
     """The training script and its arguments for one run (no interpreter: launch() adds it)."""
     script = "train_byol.py" if ema else "train_simsiam.py"
     preset = "laptop" if scale == "laptop" else "byol" if ema else "simsiam"
-    return [script, preset, *ROWS[row][1], "--loss", loss, "--weight-decay", f"{wd:g}", "--dataset", dataset,
+    return [script, preset, *ROWS[row][1], *(["--no-normalize-spectrum"] if raw else []), "--loss", loss, "--weight-decay", f"{wd:g}", "--dataset", dataset,
             "--data-dir", data_dir, "--out-dir", str(run_dir), "--log-every", "1000", "--seed", str(seed),
             *shlex.split(extra)]
 

@@ -3,6 +3,7 @@
     python paper_figures.py                        # Figs. 3 and 7, the laptop set on Fashion-MNIST (7 runs)
     python paper_figures.py --figures 8            # Fig. 8, the laptop set (4 more runs)
     python paper_figures.py --figures ablations    # SimSiam without predictor / stop-gradient (2 runs)
+    python paper_figures.py --figures euclidean    # the Euclidean loss without the EMA target (4 runs)
     python paper_figures.py --scale paper --dataset cifar10 --gpus 0,1   # the paper's runs (1,000 epochs each: GPUs)
     python paper_figures.py --draw-only            # redraw from the run directories as they are now
 
@@ -11,6 +12,9 @@
           monitor per evaluation.
   Fig. 7  IsoLoss with and without the EMA target (cosine), and DirectPred without it.
   Fig. 8  weight decay 4e-4 / 1e-5 / 1e-6 for DirectPred and IsoLoss (cosine, EMA target).
+  euclidean  (not in the paper) DirectPred and IsoLoss with the Euclidean loss and no EMA target, rows:
+          W_P from C's eigenvalues divided by the largest (the release's) / from C's own eigenvalues
+          (--no-normalize-spectrum, the toy theory's W_P, which fixes the scale of z).
 
 Each run is a preset of a training script with the method's predictor, loss and weight decay and
 nothing else changed: `python train_byol.py laptop --predictor P [--isoloss] --loss L --weight-decay W`
@@ -41,27 +45,32 @@ from grid import ROWS, eval_command, evaluate_random_init, execute, machine_line
 
 FIG3 = ("directpred", "isoloss", "mlp")  # its columns
 DECAYS = (4e-4, 1e-5, 1e-6)  # Fig. 8; 1e-5 is every preset's
+FIGURE_TITLES = {"ablations": "Collapse ablations", "euclidean": "Euclidean loss without the EMA target"}
 
 
 def figure_file(figure: str) -> str:
     return f"fig{figure}.png" if figure.isdigit() else f"{figure}.png"
 
 
-def figure_runs(figure: str) -> list[tuple[str, str, bool, float]]:
-    """(method, loss, ema, weight decay) of every run a figure draws."""
+def figure_runs(figure: str) -> list[tuple[str, str, bool, float, bool]]:
+    """(method, loss, ema, weight decay, raw spectrum) of every run a figure draws."""
     if figure == "3":
-        return [(m, loss, True, 1e-5) for loss in ("euclidean", "cosine") for m in FIG3]
+        return [(m, loss, True, 1e-5, False) for loss in ("euclidean", "cosine") for m in FIG3]
     if figure == "7":  # and DirectPred without the EMA target: the claim is that IsoLoss copes better there
-        return [("isoloss", "cosine", True, 1e-5), ("isoloss", "cosine", False, 1e-5), ("directpred", "cosine", False, 1e-5)]
+        return [("isoloss", "cosine", True, 1e-5, False), ("isoloss", "cosine", False, 1e-5, False),
+                ("directpred", "cosine", False, 1e-5, False)]
     if figure == "ablations":  # SimSiam's collapse ablations: what a collapse looks like in the same set-up
-        return [(m, "cosine", False, 1e-5) for m in ("no-predictor", "no-stop-grad")]
-    return [(m, "cosine", True, wd) for m in ("directpred", "isoloss") for wd in DECAYS]
+        return [(m, "cosine", False, 1e-5, False) for m in ("no-predictor", "no-stop-grad")]
+    if figure == "euclidean":
+        return [(m, "euclidean", False, 1e-5, raw) for raw in (False, True) for m in ("directpred", "isoloss")]
+    return [(m, "cosine", True, wd, False) for m in ("directpred", "isoloss") for wd in DECAYS]
 
 
 @dataclass
 class Args:
-    figures: tuple[Literal["3", "7", "8", "ablations"], ...] = ("3", "7")
-    """which figures to run and draw (ablations: SimSiam without predictor / stop-gradient, for comparison)"""
+    figures: tuple[Literal["3", "7", "8", "ablations", "euclidean"], ...] = ("3", "7")
+    """which figures to run and draw (ablations: SimSiam without predictor / stop-gradient, for comparison; euclidean:
+    the Euclidean loss without the EMA target)"""
     scale: Literal["laptop", "paper"] = "laptop"
     """laptop: the `laptop` preset of each script (Fashion-MNIST, minutes a run on 2 cores); paper: the paper's settings"""
     dataset: str = ""
@@ -90,13 +99,14 @@ def plan(args: Args) -> tuple[Path, str, list[dict]]:
     out = Path(args.runs_dir) / f"{dataset}-{args.scale}"
     jobs, seen = [], set()
     for fig in args.figures:
-        for method, loss, ema, wd in figure_runs(fig):
-            name = run_name(method, loss, ema, wd, args.seed)
+        for method, loss, ema, wd, raw in figure_runs(fig):
+            name = run_name(method, loss, ema, wd, args.seed, raw)
             if name in seen:
                 continue
             seen.add(name)
-            train = train_command(method, ema, args.scale, dataset, args.data_dir, out / name, args.seed, loss, wd, args.train_args)
-            jobs.append(dict(name=name, method=method, loss=loss, ema=ema, wd=wd, dir=out / name,
+            train = train_command(method, ema, args.scale, dataset, args.data_dir, out / name, args.seed, loss, wd, args.train_args,
+                                  raw)
+            jobs.append(dict(name=name, method=method, loss=loss, ema=ema, wd=wd, raw=raw, dir=out / name,
                              cmds=[train, eval_command(out / name, dataset, args.data_dir)]))
     return out, dataset, jobs
 
@@ -125,7 +135,7 @@ def collect(job: dict) -> dict | None:
     lin = job["dir"] / "linear_eval.json"
     lin = json.loads(lin.read_text()) if lin.exists() else None
     failed = job["dir"] / "failed.txt"
-    return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
+    return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"], raw_spectrum=job["raw"],
                 command="python " + shlex.join(job["cmds"][0]), step=last["step"], epochs=last["epoch"],
                 knn=None if lin is None else 100 * lin["knn"]["results"]["k=20"]["top1"],
                 linear=None if lin is None else 100 * lin["offline_linear"]["top1"],
@@ -165,6 +175,10 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
         grid = [[run_name("isoloss", ema=True, seed=seed), run_name("isoloss", ema=False, seed=seed),
                  run_name("directpred", ema=False, seed=seed)]]
         labels = [["IsoLoss, with the EMA target", "IsoLoss, without (SimSiam-style)", "DirectPred, without"]]
+    elif figure == "euclidean":
+        grid = [[run_name(m, "euclidean", False, seed=seed, raw=raw) for m in ("directpred", "isoloss")] for raw in (False, True)]
+        labels = [[f"{ROWS[m][0]}, {spectrum}" for m in ("directpred", "isoloss")]
+                  for spectrum in ("W_P from s / max(s)", "W_P from s (--no-normalize-spectrum)")]
     elif figure == "ablations":
         grid = [[run_name(m, ema=False, seed=seed) for m in ("no-predictor", "no-stop-grad")]]
         labels = [[ROWS[m][0] + " (without EMA)" for m in ("no-predictor", "no-stop-grad")]]
@@ -227,7 +241,7 @@ def main(args: Args) -> dict:
         ref = json.loads(init.read_text())
     title = f"{dataset}, {args.scale} scale{f' ({args.train_args})' if args.train_args else ''}; on {machine}"
     for fig in args.figures:
-        draw(fig, results, results_dir / figure_file(fig), f"{'Fig. ' + fig if fig.isdigit() else 'Collapse ablations'}: {title}",
+        draw(fig, results, results_dir / figure_file(fig), f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}",
              args.seed)
     header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
               f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {machine}, "

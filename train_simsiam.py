@@ -116,6 +116,9 @@ class Args:
     """Closed-form predictor: W_P = U diag(s_hat^alpha) U^T. Default: 0.5 for directpred, 1 for directcopy."""
     eps: float | None = None
     """Closed-form predictor: s_hat = s / max(s) + eps. Default: 0 for directpred, 0.25 for directcopy."""
+    normalize_spectrum: bool = True
+    """Closed-form predictor: divide C's eigenvalues by the largest (the release's). --no-normalize-spectrum: s_hat = s + eps,
+    the toy theory's W_P, whose Euclidean loss holds every mode's variance at 1 (the Euclidean loss needs it without EMA)."""
     # --- optimisation and monitoring (METHOD.md section 6) ---
     momentum: float = 0.9
     """Momentum of the optimiser."""
@@ -184,6 +187,8 @@ def check_args(args: Args, world: int) -> None:
          "IsoLoss removes the factor W_P^T from the gradient, which needs a symmetric linear W_P"),
         ((args.alpha is not None or args.eps is not None) and not closed,
          f"--alpha/--eps set the closed-form predictor's spectrum; --predictor {args.predictor} has none"),
+        (not args.normalize_spectrum and not closed,
+         f"--no-normalize-spectrum sets the closed-form predictor's spectrum; --predictor {args.predictor} has none"),
         ((args.alpha is not None and args.alpha <= 0) or (args.eps is not None and args.eps < 0),
          f"--alpha must be > 0 and --eps >= 0, got {args.alpha}, {args.eps}"),
         (not 0 <= args.tau_c < 1, f"--tau-c must be in [0, 1), got {args.tau_c}"),
@@ -225,7 +230,8 @@ class Learner(nn.Module):
         self.backbone = common.resnet18(args.width, small_stem)
         self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden),
                                        nn.ReLU(inplace=True), nn.Linear(args.proj_hidden, args.proj_dim))
-        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps)
+        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps,
+                                               args.normalize_spectrum)
         self.closed_form = isinstance(self.predictor, common.ClosedFormPredictor)
         # --- METHOD (SimSiam): the target network ---
         # None: the targets are the online network's own outputs (see forward).

@@ -151,6 +151,12 @@ def test_closed_form_against_direct_matrix_powers():
     torch.testing.assert_close(pred.eigvals, torch.linalg.eigvalsh(Cm))
     torch.testing.assert_close(pred(Z[:3]), Z[:3] @ pred.W)
     torch.testing.assert_close(pred.sqrt(Z[:3]), Z[:3] @ pred.W_sqrt)
+    # Unnormalised (the toy theory's W_P): the spectrum of C itself, so W_P grows with z.
+    raw = common.ClosedFormPredictor(6, alpha=0.5, eps=0.0, tau=0.0, normalize=False)
+    raw.update(Z)
+    torch.testing.assert_close(raw.W @ raw.W, Cm)
+    raw.update(3 * Z)
+    torch.testing.assert_close(raw.W, 3 * pred.W * smax.sqrt())
 
 
 def test_directcopy_is_C_over_max_plus_quarter_identity():

@@ -221,6 +221,7 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, cifar, reference, caps
     (["--overwrite", "--allow-changes"], "contradict"),
     (["--tau-c", "1.0"], "--tau-c"),
     (["--alpha", "0"], "--alpha must be > 0"),
+    (["--no-isoloss", "--predictor", "mlp", "--no-normalize-spectrum"], "--no-normalize-spectrum sets the closed-form"),
 ])
 def test_contradictory_options(tmp_path, cifar, extra, expect, capsys):
     out = tmp_path / "run"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -129,14 +130,21 @@ def collect(job: dict) -> dict | None:
     """A run's numbers, or None before its first epoch; linear_eval.py's once it has run."""
     path = job["dir"] / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    if not records:
+    failed = job["dir"] / "failed.txt"
+    failed = failed.read_text().strip() if failed.exists() else None
+    if not records and not failed:
         return None
+    command = "python " + shlex.join(job["cmds"][0])
+    if not records:  # stopped by a fault within its first epoch: the fault is the result
+        return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
+                    raw_spectrum=job["raw"], command=command, step=None, epochs=0, knn=None, linear=None, std=None,
+                    mean_share_z=None, collapse_warning=False, near_top=None, near_top_by_step=[], knn_monitor=[],
+                    spectrum=[], wall_time_s=None, failed=failed)
     last = records[-1]
     lin = job["dir"] / "linear_eval.json"
     lin = json.loads(lin.read_text()) if lin.exists() else None
-    failed = job["dir"] / "failed.txt"
     return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"], raw_spectrum=job["raw"],
-                command="python " + shlex.join(job["cmds"][0]), step=last["step"], epochs=last["epoch"],
+                command=command, step=last["step"], epochs=last["epoch"],
                 knn=None if lin is None else 100 * lin["knn"]["results"]["k=20"]["top1"],
                 linear=None if lin is None else 100 * lin["offline_linear"]["top1"],
                 std=last["std_normalized_z"], healthy_std=1 / math.sqrt(len(last["eigenvalues"])),
@@ -144,8 +152,15 @@ def collect(job: dict) -> dict | None:
                 collapse_warning=last["collapse_warning"], near_top=near_top(last["eigenvalues"]),
                 near_top_by_step=[[r["step"], near_top(r["eigenvalues"])] for r in records],
                 knn_monitor=[[r["step"], r["knn_top1"]] for r in records if r.get("knn_top1") is not None],
-                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"],
-                failed=failed.read_text().strip() if failed.exists() else None)
+                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"], failed=failed)
+
+
+def fault(r: dict) -> str:
+    """A stopped run's fault in a few words: NaN or Inf and the step, or the first sentence of its error line."""
+    at = re.search(r"step (\d+)", r["failed"])
+    if "NaN" in r["failed"]:
+        return "NaN or Inf" + (f" by step {at[1]}" if at else "")
+    return r["failed"].removeprefix("error: ").split(". ")[0]
 
 
 def table(results: dict, ref: dict | None, header: str) -> str:
@@ -153,10 +168,10 @@ def table(results: dict, ref: dict | None, header: str) -> str:
             "|" + "---|" * 9]
     fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in results.values():
-        rows.append(f"| `{r['name']}`{' (stopped: ' + r['failed'].removeprefix('error: ').split('. ')[0] + ')' if r['failed'] else ''} "
-                    f"| {r['step']} | {fmt(r['knn'])} | {fmt(r['linear'])} | {r['std']:.3f} | "
-                    f"{fmt(r['mean_share_z'], '{:.2f}')} | {r['near_top']} | {'yes' if r['collapse_warning'] else 'no'} | "
-                    f"{r['wall_time_s']:.0f} |")
+        rows.append(f"| `{r['name']}`{' (stopped: ' + fault(r) + ')' if r['failed'] else ''} "
+                    f"| {fmt(r['step'], '{}')} | {fmt(r['knn'])} | {fmt(r['linear'])} | {fmt(r['std'], '{:.3f}')} | "
+                    f"{fmt(r['mean_share_z'], '{:.2f}')} | {fmt(r['near_top'], '{}')} | {'yes' if r['collapse_warning'] else 'no'} | "
+                    f"{fmt(r['wall_time_s'], '{:.0f}')} |")
     if ref is not None:
         rows.append(f"| random init (same backbone) | 0 | {100 * ref['knn']['results']['k=20']['top1']:.1f} | "
                     f"{100 * ref['offline_linear']['top1']:.1f} | - | - | - | - | - |")
@@ -178,7 +193,7 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
     elif figure == "euclidean":
         grid = [[run_name(m, "euclidean", False, seed=seed, raw=raw) for m in ("directpred", "isoloss")] for raw in (False, True)]
         labels = [[f"{ROWS[m][0]}, {spectrum}" for m in ("directpred", "isoloss")]
-                  for spectrum in ("W_P from s / max(s)", "W_P from s (--no-normalize-spectrum)")]
+                  for spectrum in ("W_P from s / max(s)", "W_P from s itself")]
     elif figure == "ablations":
         grid = [[run_name(m, ema=False, seed=seed) for m in ("no-predictor", "no-stop-grad")]]
         labels = [[ROWS[m][0] + " (without EMA)" for m in ("no-predictor", "no-stop-grad")]]
@@ -187,13 +202,15 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
         labels = [[f"{ROWS[m][0]}, weight decay {wd:g}" for wd in DECAYS] for m in ("directpred", "isoloss")]
     cols = len(grid[0]) + 1
     fig, axes = plt.subplots(len(grid), cols, figsize=(4.2 * cols, 3.4 * len(grid)), squeeze=False)
+    last = max([results[n]["step"] or 0 for row in grid for n in row if n in results] + [1])
     for i, row in enumerate(grid):
         for j, name in enumerate(row):
             ax, r = axes[i, j], results.get(name)
-            ax.set(yscale="log", xlabel="step", ylabel="eigenvalue of C")
-            state = "" if r and not r["failed"] else " (stopped: a fault)" if r else " (not run yet)"
-            ax.set_title(labels[i][j] + state, fontsize=9)
-            if r:
+            ax.set(yscale="log", xlabel="step", ylabel="eigenvalue of C", xlim=(0, last))
+            ax.set_title(labels[i][j] + ("" if r else "\n(not run yet)"), fontsize=9)
+            if r and r["failed"]:
+                ax.text(0.5, 0.5, f"stopped: {fault(r)}", transform=ax.transAxes, ha="center", fontsize=9, color="C3")
+            if r and r["spectrum"]:
                 steps = np.array([s for s, _ in r["spectrum"]])
                 values = np.clip(np.array([v for _, v in r["spectrum"]]), 1e-12, None)
                 for k in range(values.shape[1]):
@@ -208,7 +225,7 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
         ax.set_title("k-NN monitor (test split, 10,000 train images as bank)", fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -20,6 +20,13 @@ def test_each_figure_plans_the_papers_runs_with_the_method_and_nothing_else_chan
     decayed = by_name["cosine-directpred-ema-wd0.0004-s0"]["cmds"][0]
     assert decayed[decayed.index("--weight-decay") + 1] == "0.0004"
     assert all(j["cmds"][1][0] == "linear_eval.py" for j in jobs)
+    # Euclidean without EMA: both spectra; the toy theory's is the same command with --no-normalize-spectrum.
+    _, _, jobs = P.plan(P.Args(figures=("euclidean",)))
+    raw = {j["name"]: j["cmds"][0] for j in jobs if j["raw"]}
+    assert len(jobs) == 4 and set(raw) == {"euclidean-directpred-noema-raw-s0", "euclidean-isoloss-noema-raw-s0"}
+    plain = next(j["cmds"][0] for j in jobs if j["name"] == "euclidean-isoloss-noema-s0")
+    assert [a for a in raw["euclidean-isoloss-noema-raw-s0"] if a != "--no-normalize-spectrum"] == \
+        [a.replace("noema-s0", "noema-raw-s0") for a in plain]
     _, dataset, jobs = P.plan(P.Args(figures=("3",), scale="paper"))
     assert dataset == "cifar10" and {j["cmds"][0][1] for j in jobs} == {"byol"}
 
@@ -32,7 +39,9 @@ def test_a_run_that_diverges_is_reported_and_not_run_again(tmp_path):
     results = P.main(args)
     for name in ("cosine-no-predictor-noema-s0", "cosine-no-stop-grad-noema-s0"):
         assert "NaN or Inf" in (runs / name / "failed.txt").read_text()
-        assert name not in results  # it stopped before its first epoch: nothing to draw
+        # It stopped within its first epoch: no spectrum to draw, but the fault is its result.
+        assert results[name]["step"] is None and "NaN or Inf" in results[name]["failed"] and not results[name]["spectrum"]
+        assert f"| `{name}` (stopped: " in (tmp_path / "figs" / "figures.md").read_text()
     assert "ablations.png" in [p.name for p in (tmp_path / "figs").iterdir()]
     log = (runs / "cosine-no-predictor-noema-s0" / "log.txt").read_text()
     P.main(args)  # nothing runs again: the log is as it was
@@ -43,4 +52,4 @@ def test_the_table_says_where_a_run_stopped():
     row = dict(name="euclidean-mlp-ema", step=200, knn=None, linear=None, std=0.09, mean_share_z=None, near_top=2,
                collapse_warning=False, wall_time_s=60.0, failed="error: NaN or Inf in the weights after step 300, not saved. The run stopped")
     text = P.table({"euclidean-mlp-ema": row}, None, "header")
-    assert "`euclidean-mlp-ema` (stopped: NaN or Inf in the weights after step 300, not saved) | 200 | - | - |" in text
+    assert "`euclidean-mlp-ema` (stopped: NaN or Inf by step 300) | 200 | - | - |" in text

@@ -130,9 +130,9 @@ def train_command(row: str, ema: bool, scale: str, dataset: str, data_dir: str, 
     """The training script and its arguments for one run (no interpreter: launch() adds it)."""
     script = "train_byol.py" if ema else "train_simsiam.py"
     preset = "laptop" if scale == "laptop" else "byol" if ema else "simsiam"
-    return [script, preset, *ROWS[row][1], *(["--no-normalize-spectrum"] if raw else []), "--loss", loss, "--weight-decay", f"{wd:g}", "--dataset", dataset,
-            "--data-dir", data_dir, "--out-dir", str(run_dir), "--log-every", "1000", "--seed", str(seed),
-            *shlex.split(extra)]
+    return [script, preset, *ROWS[row][1], *(["--no-normalize-spectrum"] if raw else []), "--loss", loss,
+            "--weight-decay", f"{wd:g}", "--dataset", dataset, "--data-dir", data_dir, "--out-dir", str(run_dir),
+            "--log-every", "1000", "--seed", str(seed), *shlex.split(extra)]
 
 
 def eval_command(run_dir: Path, dataset: str, data_dir: str) -> list[str]:

@@ -58,12 +58,14 @@ def test_the_readmes_laptop_results_are_the_committed_files():
     """The README's tables are grid.md and figures.md as the commands wrote them, and every number its
     text quotes around them is in grid.json or figures.json."""
     results = REPO / "results" / "fashionmnist-laptop"
-    for name, table in (("laptop-grid-table", "grid.md"), ("fashionmnist-table", "figures.md")):
+    for name, table in (("laptop-grid-table", "grid.md"), ("fashionmnist-table", "figures.md"), ("seeds-table", "seeds/grid.md")):
         written = (results / table).read_text()
         assert len([line for line in written.splitlines() if line.startswith("|")]) > 10
         assert block(name).strip() == written.strip(), f"README's {name} is not {results / table}"
-    grid, figures = (json.loads((results / name).read_text()) for name in ("grid.json", "figures.json"))
-    known = formatted([{k: v for k, v in r.items() if k != "provenance"} for r in grid["runs"]]) | formatted(grid["random_init"])
+    grid, seeds, figures = (json.loads((results / name).read_text()) for name in ("grid.json", "seeds/grid.json", "figures.json"))
+    known = set()
+    for g in (grid, seeds):
+        known |= formatted([{k: v for k, v in r.items() if k != "provenance"} for r in g["runs"]]) | formatted(g["random_init"])
     for r in figures["runs"].values():  # the numbers of each run, and the largest eigenvalue of C at its end
         known |= formatted({k: v for k, v in r.items() if k not in ("spectrum", "near_top_by_step")})
         known |= formatted(max(r["spectrum"][-1][1])) if r["spectrum"] else set()

@@ -261,6 +261,7 @@ def main(args: Args) -> dict:
         draw(fig, results, results_dir / figure_file(fig), f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}",
              args.seed)
     header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
+              f"{f' --seed {args.seed}' if args.seed else ''}{f' --results-dir {args.results_dir}' if args.results_dir else ''}"
               f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {machine}, "
               f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py on the test split.")
     common.atomic_write_text(results_dir / "figures.md", table(results, ref, header) + "\n")

@@ -66,7 +66,10 @@ def test_the_readmes_laptop_results_are_the_committed_files():
     known = set()
     for g in (grid, seeds):
         known |= formatted([{k: v for k, v in r.items() if k != "provenance"} for r in g["runs"]]) | formatted(g["random_init"])
-    for r in figures["runs"].values():  # the numbers of each run, and the largest eigenvalue of C at its end
+    second = json.loads((results / "euclidean-s1" / "figures.json").read_text())
+    init = second["random_init"]
+    known |= formatted(100 * init["knn"]["results"]["k=20"]["top1"]) | formatted(100 * init["offline_linear"]["top1"])
+    for r in [*figures["runs"].values(), *second["runs"].values()]:  # each run's numbers, and C's largest eigenvalue at its end
         known |= formatted({k: v for k, v in r.items() if k not in ("spectrum", "near_top_by_step")})
         known |= formatted(max(r["spectrum"][-1][1])) if r["spectrum"] else set()
     quoted = numbers(block("laptop-claims"))

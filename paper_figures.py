@@ -128,23 +128,21 @@ def near_top(eigenvalues: list[float], factor: float = 10.0) -> int:
 
 def collect(job: dict) -> dict | None:
     """A run's numbers, or None before its first epoch; linear_eval.py's once it has run."""
-    path = job["dir"] / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    import rundir as R
+    records = R.read_metrics(job["dir"] / "metrics.jsonl")
     failed = job["dir"] / "failed.txt"
     failed = failed.read_text().strip() if failed.exists() else None
     if not records and not failed:
         return None
-    command = "python " + shlex.join(job["cmds"][0])
+    run = dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
+               raw_spectrum=job["raw"], command="python " + shlex.join(job["cmds"][0]))
     if not records:  # stopped by a fault within its first epoch: the fault is the result
-        return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
-                    raw_spectrum=job["raw"], command=command, step=None, epochs=0, knn=None, linear=None, std=None,
-                    mean_share_z=None, collapse_warning=False, near_top=None, near_top_by_step=[], knn_monitor=[],
-                    spectrum=[], wall_time_s=None, failed=failed)
+        return dict(run, step=None, epochs=0, knn=None, linear=None, std=None, mean_share_z=None, collapse_warning=False,
+                    near_top=None, near_top_by_step=[], knn_monitor=[], spectrum=[], wall_time_s=None, failed=failed)
     last = records[-1]
     lin = job["dir"] / "linear_eval.json"
     lin = json.loads(lin.read_text()) if lin.exists() else None
-    return dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"], raw_spectrum=job["raw"],
-                command=command, step=last["step"], epochs=last["epoch"],
+    return dict(run, step=last["step"], epochs=last["epoch"],
                 knn=None if lin is None else 100 * lin["knn"]["results"]["k=20"]["top1"],
                 linear=None if lin is None else 100 * lin["offline_linear"]["top1"],
                 std=last["std_normalized_z"], healthy_std=1 / math.sqrt(len(last["eigenvalues"])),

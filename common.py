@@ -354,6 +354,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+def loader_workers() -> int:
+    """Data-loading processes for one rank: the cores this process may use (its CPU affinity, which grid.py sets per
+    run), shared by the ranks on this machine (torchrun's LOCAL_WORLD_SIZE), less the one the rank itself runs on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(16, max(0, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
 def cpu_info() -> tuple[str, set[str]]:
     """This machine's CPU, for labelling what was measured on it (machines differ): "model, N cores,
     vector extensions, bf16", and its /proc/cpuinfo flags (empty where there is no such file)."""

@@ -1,6 +1,7 @@
 """The data of train_byol.py, train_simsiam.py and linear_eval.py:
 
   load_dataset, eval_transform    cifar10, cifar100, stl10, tinyimagenet, imagefolder, digits, fashionmnist; the test view
+  fetch                           the data step before runs: download (or say how to get) a data set, once
   ViewSpec, view_specs, pil_view  one view's augmentation (METHOD.md section 6), on PIL images in loader workers
   batched_view, device_views      the same distributions, drawn per image on a uint8 batch on the device
   TwoViews, EpochBatches          augmentations and batch order that are functions of (seed, epoch, index)
@@ -12,6 +13,7 @@ and what to do, in the main process and in data-loader workers alike.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,29 +105,23 @@ def load_dataset(name: str, root: str | Path, split: str, transform=None, downlo
             raise DataError(f"{name} under {root} could not be loaded ({type(e).__name__}: {e}). Without internet, "
                             f"extract {archive} into {root}/ by hand") from e
     if name in ("tinyimagenet", "imagefolder"):
+        hint = (f"get it with `{TINY_IMAGENET_STEP.format(root=root)}` and pass --data-dir {root}"
+                if name == "tinyimagenet" else "make DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg and pass DIR as --data-dir")
+        if name == "tinyimagenet" and not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
+            root = root / "tiny-imagenet-200"  # so that --data-dir data serves every data set of a grid
         sub = root / ("val" if split == "test" else "train")
-        hint = ("extract tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) and pass its folder"
-                if name == "tinyimagenet" else "make DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg and pass DIR")
-        if download:
-            raise DataError(f"{name} cannot be downloaded by this script: {hint} as --data-dir")
+        if download and not sub.is_dir():
+            raise DataError(f"{name} cannot be downloaded by this repository: {hint}")
         if not sub.is_dir():
-            raise DataError(f"{name} not found: expected {sub}/ with one folder per class; {hint} as --data-dir")
+            where = f"{sub}/" if name == "imagefolder" else f"{sub}/ (nor in {sub.parent / 'tiny-imagenet-200'}/)"
+            raise DataError(f"{name} not found: expected {where} with one folder per class; {hint}")
         try:
-            if name == "tinyimagenet" and split == "test" and (sub / "val_annotations.txt").is_file():
-                return _tiny_imagenet_val(root, transform)
+            if name == "tinyimagenet":
+                return TinyImageNet(root, split, transform)
             return D.ImageFolder(str(sub), transform, loader=read_image)
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"{name} under {sub} could not be read ({e}); {hint} as --data-dir") from e
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(CROP_SIZE)}")
-
-
-def _tiny_imagenet_val(root: Path, transform):
-    """TinyImageNet's official val/ keeps all images in one folder with a label file."""
-    ds = D.ImageFolder(str(root / "train"), transform, loader=read_image)  # borrows the class list
-    lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
-    ds.samples = [(str(root / "val" / "images" / f), ds.class_to_idx[c]) for f, c, *_ in (l.split("\t") for l in lines if l)]
-    ds.imgs, ds.targets, ds.root = ds.samples, [y for _, y in ds.samples], str(root / "val")
-    return ds
 
 
 class InMemory(torch.utils.data.Dataset):
@@ -138,6 +134,51 @@ class InMemory(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = Image.fromarray(self.data[i])
         return (image if self.transform is None else self.transform(image)), self.targets[i]
+
+
+TINY_IMAGENET_STEP = ("curl -LO http://cs231n.stanford.edu/tiny-imagenet-200.zip && "
+                      "unzip -q tiny-imagenet-200.zip -d {root}")
+
+
+def fetch(name: str, root: str | Path) -> None:
+    """The data step, once before any run: CIFAR-10/100, STL-10 and Fashion-MNIST downloaded into root through
+    torchvision when missing; TinyImageNet (not downloadable here) decoded into its in-memory cache when it is
+    extracted, else a DataError with its address and the command that puts it where --data-dir expects it;
+    digits ships with scikit-learn; an imagefolder is the user's own."""
+    if name == "imagefolder":
+        return
+    for split in ("pretrain", "test"):
+        load_dataset(name, root, split, download=name != "tinyimagenet")
+
+
+class TinyImageNet(InMemory):
+    """TinyImageNet-200, held in memory as uint8 like CIFAR (100,000 train images of 64 x 64 x 3: 1.2 GB), so that
+    the views can be drawn on the device. Decoded once from the extracted JPEGs (train/<class>/images/*, or any
+    class-folder tree; val/ through val_annotations.txt where it has one) and cached beside them as SPLIT-uint8.npz,
+    which later runs read in seconds. The labels follow the sorted class folders of train/, as ImageFolder's do."""
+
+    def __init__(self, root: Path, split: str, transform=None):
+        sub = "val" if split == "test" else "train"
+        self.classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        cache = root / f"{sub}-uint8.npz"
+        if not cache.is_file():
+            if sub == "val" and (root / "val" / "val_annotations.txt").is_file():
+                index = {c: i for i, c in enumerate(self.classes)}
+                lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
+                rows = (line.split("\t") for line in lines if line)
+                samples = [(root / "val" / "images" / f, index[c]) for f, c, *_ in rows]
+            else:
+                samples = D.ImageFolder(str(root / sub), loader=read_image).samples
+            images = np.stack([np.asarray(read_image(str(path))) for path, _ in samples])
+            if images.ndim != 4:
+                raise DataError(f"{root / sub}: the images are not all of one size; use --dataset imagefolder")
+            # Written under a temporary name, then renamed: runs starting together never read a half-written cache.
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.npz")
+            np.savez(tmp, data=images, targets=np.array([y for _, y in samples], dtype=np.int64))
+            os.replace(tmp, cache)
+        with np.load(cache) as saved:
+            self.data, self.targets = saved["data"], saved["targets"].tolist()
+        self.transform = transform
 
 
 class Digits(InMemory):
@@ -431,6 +472,14 @@ def batched_view(x: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch
     return torch.where(solar & (out >= 128 / 255), 1 - out, out)
 
 
+def views_on(augment_on: str, dataset: str, cuda: bool) -> str:
+    """Where a run draws its views ('loader' or 'device'); auto: on the device on CUDA for every data set held in
+    memory (all but imagefolder), since a GPU outruns the PIL workers, and in loader workers elsewhere."""
+    if augment_on != "auto":
+        return augment_on
+    return "device" if cuda and dataset != "imagefolder" else "loader"
+
+
 def images_as_tensor(base) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole data set as uint8 (N, 3, H, W) and labels (N,): CIFAR, STL-10 and digits hold arrays already."""
     data = getattr(base, "data", None)
@@ -456,3 +505,20 @@ def device_views(images, labels, specs, batches, seed: int, memory_format=torch.
         x = images[index]
         x1, x2 = ((batched_view(x, spec, gen) - mean) / std for spec in specs)
         yield x1.contiguous(memory_format=memory_format), x2.contiguous(memory_format=memory_format), labels[index]
+
+
+if __name__ == "__main__":  # python data.py fashionmnist cifar10 [--data-dir data]: the data step alone, no run
+    import tyro
+
+    from typing import Literal
+
+    def main(datasets: tuple[Literal[tuple(CROP_SIZE)], ...], /, data_dir: str = "data") -> None:
+        """Download each data set into --data-dir (or say how to get it), as grid.py --download does."""
+        for name in datasets:
+            try:
+                fetch(name, data_dir)
+            except DataError as e:
+                raise SystemExit(f"error: {e}") from None
+            print(f"{name}: ready in {data_dir}")
+
+    tyro.cli(main)

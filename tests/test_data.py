@@ -14,7 +14,7 @@ import data as D
 import linear_eval as L
 import train_byol as B
 import train_simsiam as S
-from tiny_data import write_cifar10, write_fashionmnist, write_imagefolder
+from tiny_data import write_cifar10, write_fashionmnist, write_imagefolder, write_tinyimagenet
 
 
 def test_load_dataset_real_readers(tmp_path):
@@ -36,6 +36,32 @@ def test_missing_data_says_where_and_what_to_do(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     with pytest.raises(D.DataError, match="could not be loaded"):
         D.load_dataset("cifar10", tmp_path, "train")
+
+
+def test_tinyimagenet_is_held_in_memory_from_its_archive_layout_and_cached_once(tmp_path):
+    """The extracted archive under --data-dir (or its tiny-imagenet-200 folder), decoded once into uint8 arrays
+    like CIFAR's, so the device views serve it; the labels are ImageFolder's; a later run reads the cache."""
+    with pytest.raises(D.DataError, match=r"tinyimagenet not found.*curl -LO http://cs231n.*tiny-imagenet-200.zip"):
+        D.fetch("tinyimagenet", tmp_path)
+    from PIL import Image
+    write_tinyimagenet(tmp_path, n_classes=3, n_train_per_class=2, n_val_per_class=2)
+    top = tmp_path / "tiny-imagenet-200"
+    D.fetch("tinyimagenet", tmp_path)  # the data step decodes both splits
+    assert sorted(p.name for p in top.glob("*.npz")) == ["train-uint8.npz", "val-uint8.npz"]
+    folder = D.load_dataset("imagefolder", top, "pretrain")  # the same images read as files
+    for root in (tmp_path, top):
+        train, test = D.load_dataset("tinyimagenet", root, "pretrain"), D.load_dataset("tinyimagenet", root, "test")
+        assert train.classes == folder.classes and train.targets == folder.targets and len(test) == 6
+        assert train.data.shape == (6, 64, 64, 3) and train.data.dtype == np.uint8
+        assert all((np.asarray(img) == np.asarray(Image.open(path).convert("RGB"))).all()
+                   for (img, _), (path, _) in zip(train, folder.samples))
+        lines = (top / "val" / "val_annotations.txt").read_text().split()
+        assert test.targets[0] == train.classes.index(lines[1])  # val_0's class, from the annotation file
+        x, y = D.images_as_tensor(train)
+        assert x.shape == (6, 3, 64, 64) and y.tolist() == train.targets
+    for image in top.glob("train/*/images/*.JPEG"):
+        image.unlink()
+    assert len(D.load_dataset("tinyimagenet", tmp_path, "train")) == 6  # from the cache
 
 
 def test_fashionmnist_reads_the_idx_files_in_every_layout_and_names_what_is_wrong(tmp_path, monkeypatch):

@@ -76,3 +76,24 @@ def write_fashionmnist(root, n_train_per_class=4, n_test_per_class=2, gz=True, s
             else:
                 name.write_bytes(raw)
     return root
+
+
+def write_tinyimagenet(root, n_classes=3, n_train_per_class=2, n_val_per_class=1, size=64, seed=0) -> Path:
+    """root/tiny-imagenet-200 as its archive extracts: train/<wnid>/images/<wnid>_<i>.JPEG, and val/images/*.JPEG
+    with val_annotations.txt (file, wnid, box) giving the classes."""
+    from PIL import Image
+    top = Path(root) / "tiny-imagenet-200"
+    wnids = [f"n{1000 + c:08d}" for c in range(n_classes)]
+    x, y = class_images(n_train_per_class, n_classes, size, seed)
+    for i, (img, c) in enumerate(zip(x, y)):
+        d = top / "train" / wnids[c] / "images"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{wnids[c]}_{i}.JPEG")
+    (top / "val" / "images").mkdir(parents=True)
+    x, y = class_images(n_val_per_class, n_classes, size, seed + 1)
+    lines = []
+    for i, (img, c) in enumerate(zip(x[::-1], y[::-1])):  # val/ is not in class order
+        Image.fromarray(img).save(top / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnids[c]}\t0\t0\t{size - 1}\t{size - 1}")
+    (top / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return Path(root)

@@ -15,7 +15,8 @@ section 6; train_byol.py has those with one), and the collapse ablations of METH
 
 and the same with --dataset cifar100, stl10 (train + unlabeled, crop 96) or tinyimagenet --data-dir
 data/tiny-imagenet-200 (crop 64); --download fetches CIFAR and STL-10. Every preset: SGD lr 0.1 x
-batch/256, momentum 0.9, weight decay 1e-5, tau_c 0.5, batch 256, 1000 epochs. On a laptop:
+batch/256, momentum 0.9, weight decay 1e-5 (Table 1 gives the closed-form rows 1e-4: grid.py), tau_c 0.5,
+batch 256, 1000 epochs. On a laptop:
 
     python train_simsiam.py cpu-demo
     python train_simsiam.py laptop       # the long laptop run on Fashion-MNIST (paper_figures.py runs the figure sets)
@@ -67,10 +68,12 @@ class Args:
     """Seeds the initialisation, the data order and every augmentation."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1, ... Under torchrun each rank takes cuda:LOCAL_RANK."""
-    num_workers: int = 4
-    """Data-loading processes per rank, alive across epochs (0: load in the main process). Results do not change."""
-    augment_on: Literal["loader", "device"] = "loader"
-    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions; GPUs need it)."""
+    num_workers: int | None = None
+    """Data-loading processes per rank, alive across epochs (0: load in the main process). Default: the cores this
+    process may use (grid.py gives each run its share), shared by the ranks on this machine, less one. Results do not change."""
+    augment_on: Literal["auto", "loader", "device"] = "auto"
+    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions). auto: on the
+    device on CUDA for every data set held in memory (all but imagefolder: a GPU outruns the PIL workers), else the loader."""
     epochs: int = 1000
     """Training epochs."""
     batch_size: int = 256
@@ -123,7 +126,8 @@ class Args:
     momentum: float = 0.9
     """Momentum of the optimiser."""
     weight_decay: float = 1e-5
-    """Weight decay (1e-5 for every method in the release's configs); make_optimizer says which parameters get it."""
+    """Weight decay: 1e-5 in the release's configs; its Table 1 commands give the closed-form predictors 1e-4, as
+    grid.py does (METHOD.md 6). make_optimizer says which parameters get it."""
     warmup_epochs: float = 10.0
     """Linear warm-up of the learning rate from 3e-5, then a cosine to zero (per step), as in the release."""
     readout_lr: float = 0.1
@@ -202,6 +206,9 @@ def check_args(args: Args, world: int) -> None:
         (args.amp == "fp16" and common.pick_device(args.device).type == "cpu", "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
         # --- METHOD (SimSiam): checks of the method ---
         (args.isoloss and not args.stop_grad, "--isoloss is built from stop-gradients; it cannot run with --no-stop-grad"),
+        (args.loss == "euclidean" and closed and args.normalize_spectrum,
+         "the Euclidean loss without an EMA target and with W_P from s / max(s) cannot train: nothing holds the scale "
+         "of z, and every such run has ended on NaN (METHOD.md 6); add --no-normalize-spectrum (W_P from s itself)"),
         # --- END METHOD ---
     ]
     positive = dict(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch or 1, log_every=args.log_every,
@@ -210,7 +217,7 @@ def check_args(args: Args, world: int) -> None:
                     eval_every=args.eval_every)
     problems += [(v <= 0, f"--{k.replace('_', '-')} must be > 0, got {v}") for k, v in positive.items()]
     problems += [(v < 0, f"--{k.replace('_', '-')} must be >= 0, got {v}") for k, v in dict(
-        num_workers=args.num_workers, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
+        num_workers=args.num_workers or 0, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
     for bad, message in problems:
         if bad:
             common.die(message)
@@ -352,6 +359,8 @@ def train(args: Args) -> Learner:
     rank, world, device = R.setup_distributed(args.device)
     main_rank, cuda = rank == 0, device.type == "cuda"
     check_args(args, world)
+    augment_on = D.views_on(args.augment_on, args.dataset, cuda)
+    workers = common.loader_workers() if args.num_workers is None else args.num_workers
     say = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.amp == "auto" and cuda else args.amp)
 
@@ -377,7 +386,8 @@ def train(args: Args) -> Learner:
     total_steps, warmup_steps = steps_per_epoch * args.epochs, round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.lr * args.batch_size / 256
     peaks = dict(ssl=peak_lr, readout=args.readout_lr * args.batch_size / 256)  # by param group name
-    out, settings = Path(args.out_dir or f"runs/{args.name}-{args.dataset}-s{args.seed}"), dataclasses.asdict(args)
+    out = Path(args.out_dir or f"runs/{args.name}-{args.dataset}-s{args.seed}")
+    settings = {**dataclasses.asdict(args), "augment_on": augment_on}  # auto resolved: a resumed run keeps its views
     ckpt = R.open_run(out, settings)
 
     torch.manual_seed(args.seed)
@@ -411,13 +421,13 @@ def train(args: Args) -> Learner:
     # The loaders are made once; the training loader's worker processes (if any) live across epochs.
     specs = D.view_specs(crop, blur, args.min_scale, grayscale=args.dataset in D.GRAYSCALE)
     batches = D.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
-    train_loader = None if args.augment_on == "device" else D.loader(
-        D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), args.num_workers, cuda, True, batch_sampler=batches)
-    if args.augment_on == "device":
+    train_loader = None if augment_on == "device" else D.loader(
+        D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), workers, cuda, True, batch_sampler=batches)
+    if augment_on == "device":
         images, labels = (t.to(device) for t in D.images_as_tensor(base))
     bank = torch.randperm(len(bank_set or ()), generator=torch.Generator().manual_seed(0))[:10_000].sort().values
     test_loader, bank_loader = (None if ds is None else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
-                                args.num_workers, cuda, batch_size=max(2, args.batch_size // world))
+                                workers, cuda, batch_size=max(2, args.batch_size // world))
                                 for ds, index in ((test_set, torch.arange(len(test_set))), (bank_set, bank)))
     if (len(test_set) + len(bank)) * 12 * crop**2 < 2**28:  # the clean views never change: under 256 MB, read them once
         test_loader, bank_loader = (loader and list(loader) for loader in (test_loader, bank_loader))
@@ -445,7 +455,7 @@ def train(args: Args) -> Learner:
         batches.set_epoch(epoch, step % steps_per_epoch)
         t_epoch, epoch_start_step = time.perf_counter(), step
         source = D.device_views(images, labels, specs, batches, args.seed, memory_format) \
-            if args.augment_on == "device" else train_loader
+            if augment_on == "device" else train_loader
         for x1, x2, y in source:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:

@@ -235,6 +235,15 @@ def test_isoloss_without_stop_gradient_is_refused(tmp_path, cifar, capsys):
     assert not out.exists()
 
 
+def test_euclidean_without_ema_on_the_normalised_spectrum_is_refused_naming_the_option_that_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    for predictor in ("directpred", "directcopy"):
+        for iso in ("--isoloss", "--no-isoloss"):
+            run_fails(["cpu-demo", "--loss", "euclidean", "--predictor", predictor, iso, "--out-dir", str(out)], capsys,
+                      "cannot train", "add --no-normalize-spectrum", main=S.main)
+    assert not out.exists()
+
+
 def test_unknown_option_and_preset(tmp_path, cifar, capsys):
     out = tmp_path / "run"
     # train_byol.py has no stop-gradient switch: its EMA target gets no gradient anyway

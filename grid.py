@@ -32,6 +32,7 @@ mean and standard deviation over --seeds; published numbers where they exist, wi
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import json
 import math
@@ -41,11 +42,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
+import tyro
+
+import slurm as SL
 
 REPO = Path(__file__).resolve().parent
 # row: (label, the options that make it, on top of a preset)
@@ -57,9 +61,15 @@ ROWS = {
     "isoloss-directcopy": ("IsoLoss (DirectCopy spectrum)", ["--predictor", "directcopy", "--isoloss"]),
     "no-predictor": ("ablation: no predictor", ["--predictor", "none", "--no-isoloss"]),
     "no-stop-grad": ("ablation: no stop-gradient", ["--predictor", "mlp", "--no-isoloss", "--no-stop-grad"]),
+    "linear": ("learnable linear predictor", ["--predictor", "linear", "--no-isoloss"]),  # Fig. 4's, not Table 1's
 }
+TABLE1_ROWS = tuple(row for row in ROWS if row != "linear")
 ABLATIONS = ("no-predictor", "no-stop-grad")  # SimSiam's (METHOD.md section 1): without the EMA target only
-Row = Literal["mlp", "directpred", "directcopy", "isoloss", "isoloss-directcopy", "no-predictor", "no-stop-grad"]
+# Table 1's weight decay (METHOD.md section 6): the release's run_experiments.sh passes 1e-4 to every closed-form
+# row, with and without EMA; BYOL, SimSiam (and so their ablations) keep its configs' 1e-5. The figures keep 1e-5.
+CLOSED_FORM_ROWS = ("directpred", "directcopy", "isoloss", "isoloss-directcopy")
+TABLE1_WEIGHT_DECAY = {row: 1e-4 if row in CLOSED_FORM_ROWS else 1e-5 for row in ROWS}
+Row = Literal["mlp", "directpred", "directcopy", "isoloss", "isoloss-directcopy", "no-predictor", "no-stop-grad", "linear"]
 Dataset = Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "fashionmnist", "digits"]
 # Images a pretraining epoch draws from ('pretrain' split: STL-10's train + unlabeled) and classes.
 TRAIN_IMAGES = {"cifar10": (50_000, 10), "cifar100": (50_000, 100), "stl10": (105_000, 10),
@@ -71,6 +81,8 @@ PUBLISHED_SOURCE = "solo-learn's README (github.com/vturrisi/solo-learn), ResNet
 # One train_byol.py step on an NVIDIA H200 (BYOL preset, CIFAR-10, batch 256, bf16, channels_last):
 # 41-45 ms measured; other configurations are scaled from it by their FLOPs.
 H200_STEP_S = 0.043
+# Two PIL views of a 32 x 32 image per second on one loader worker (one Xeon core; bench.py's data section).
+LOADER_PAIRS_PER_S = 591
 
 
 @dataclass
@@ -79,7 +91,7 @@ class Args:
     """data set(s): the table has a with / without EMA column pair for each"""
     scale: Literal["auto", "laptop", "paper"] = "auto"
     """laptop: the scripts' `laptop` preset; paper: the paper's settings; auto: laptop for fashionmnist and digits"""
-    rows: tuple[Row, ...] = tuple(ROWS)
+    rows: tuple[Row, ...] = TABLE1_ROWS
     """the table's rows (the ablations run without EMA only)"""
     targets: tuple[Literal["ema", "no-ema"], ...] = ("ema", "no-ema")
     """with the EMA target (train_byol.py), without (train_simsiam.py), or both"""
@@ -91,6 +103,8 @@ class Args:
     """more options for every training run, e.g. "--batch-size 128" (recorded in grid.json)"""
     data_dir: str = "data"
     """passed to the training scripts and linear_eval.py"""
+    download: bool = False
+    """the data step first: download every data set of the grid into --data-dir once, before any run starts"""
     gpus: str = ""
     """GPU indices to use, e.g. "0,1,2,3" (empty: the CPU)"""
     gpus_per_run: int = 1
@@ -102,9 +116,13 @@ class Args:
     results_dir: str = ""
     """where grid.md, grid.json and knn.png go (default results/DATASETS-SCALE)"""
     dry_run: bool = False
-    """print the runs, their commands and the estimated time, then stop"""
+    """print the runs, their commands and the estimated time (with --slurm: the jobs and the sbatch script), then stop"""
     time_steps: int = 2
     """training steps timed per configuration for the estimate (0: no timing here)"""
+    collect: bool = False
+    """start no run: the table from the runs finished so far (after a SLURM array, say), the others listed"""
+    cluster: Annotated[SL.SlurmOptions, tyro.conf.OmitArgPrefixes] = SL.SlurmOptions()
+    """--slurm and its options: the runs as one SLURM job array instead of here (slurm.py)"""
 
 
 # --- The plan ----------------------------------------------------------------------------------
@@ -150,9 +168,10 @@ def plan(args: Args) -> list[dict]:
                 if row in ABLATIONS and target == "ema":
                     continue
                 for seed in args.seeds:
-                    run_dir = Path(args.runs_dir) / f"{dataset}-{scale}" / run_name(row, ema=target == "ema", seed=seed)
-                    out.append(dict(row=row, target=target, dataset=dataset, seed=seed, dir=run_dir,
-                                    cmds=[train_command(row, target == "ema", scale, dataset, args.data_dir, run_dir, seed,
+                    wd, ema = TABLE1_WEIGHT_DECAY[row], target == "ema"
+                    run_dir = Path(args.runs_dir) / f"{dataset}-{scale}" / run_name(row, ema=ema, wd=wd, seed=seed)
+                    out.append(dict(row=row, target=target, dataset=dataset, seed=seed, dir=run_dir, weight_decay=wd,
+                                    cmds=[train_command(row, ema, scale, dataset, args.data_dir, run_dir, seed, wd=wd,
                                                         extra=extra), eval_command(run_dir, dataset, args.data_dir)]))
     return out
 
@@ -160,13 +179,15 @@ def plan(args: Args) -> list[dict]:
 # --- Running: resumable, a few runs at a time ---------------------------------------------------
 
 
-def _die_with_parent() -> None:
+def _child_setup(cores: list[int]) -> None:
     """In the child, before exec: on Linux, end when the grid ends, so a killed grid leaves no run behind
-    that a second grid would start again beside it."""
+    that a second grid would start again beside it; and stay on this run's share of the cores."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if cores:
+        os.sched_setaffinity(0, cores)
 
 
 def slots(gpus: str, per_run: int, jobs: int) -> list[dict]:
@@ -180,6 +201,25 @@ def slots(gpus: str, per_run: int, jobs: int) -> list[dict]:
     return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i:i + k])} for i in range(0, len(gpus) - k + 1, k)]
 
 
+def slot_cores(n: int) -> list[list[int]]:
+    """This machine's cores split evenly over n concurrent runs: each run's threads and loader workers stay in its
+    share (the training scripts size their loaders by it). Empty where the system cannot pin processes."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+    k = len(cores) // n
+    return [cores[i * k:(i + 1) * k] for i in range(n)] if k else [[] for _ in range(n)]
+
+
+def fetch_data(datasets, data_dir: str) -> None:
+    """The data step, once before any run starts, so that runs starting together never download side by side."""
+    import data as D
+    for dataset in datasets:
+        try:
+            D.fetch(dataset, data_dir)
+        except D.DataError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"data: {dataset} ready in {data_dir}", flush=True)
+
+
 def launch(cmd: list[str], gpus_per_run: int) -> list[str]:
     """The command line of one script: the interpreter, or torchrun for a training run on several GPUs."""
     if cmd[0].startswith("train_") and gpus_per_run > 1:
@@ -191,10 +231,12 @@ def execute(todo: list[dict], envs: list[dict], gpus_per_run: int = 1, keep_goin
     """Run each job's commands in order, one job per slot of `envs`. A failed command stops the grid
     with the end of its log, or with keep_going, ends that job only (job["failed"]: its last line)."""
     pending, running, free, t0, done = list(todo), [], list(range(len(envs))), time.perf_counter(), 0
+    cores = slot_cores(len(envs))
 
     def start(job):
         job["proc"] = subprocess.Popen(launch(job["queue"].pop(0), gpus_per_run), cwd=REPO, env={**os.environ, **envs[job["slot"]]},
-                                       stdout=job["log"], stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                       stdout=job["log"], stderr=subprocess.STDOUT,
+                                       preexec_fn=functools.partial(_child_setup, cores[job["slot"]]))
 
     while pending or running:
         while pending and free:
@@ -286,36 +328,88 @@ def step_cost(script: str, s, repeats: int) -> tuple[float | None, float]:
     return (time.perf_counter() - t) / repeats * s.batch_size / batch, flops
 
 
+def view_seconds(s, path: str, repeats: int) -> float:
+    """Seconds to draw one batch of both views on this machine: with PIL on one core (a loader worker's rate), or
+    batched on this machine's device; timed on random images of the data set's size, or without timing (repeats 0)
+    bench.py's rate for the PIL path (its device path runs on the GPU beside the step and is not counted)."""
+    import torch
+    from PIL import Image
+    import common
+    import data as D
+    if not repeats:
+        return s.batch_size / LOADER_PAIRS_PER_S if path == "loader" else 0.0
+    size, crop = D.CROP_SIZE[s.dataset], s.crop or D.CROP_SIZE[s.dataset]
+    blur = s.blur or ((1.0, 0.1) if s.dataset in ("stl10", "imagefolder") else (0.0, 0.0))
+    specs = D.view_specs(crop, blur, s.min_scale, grayscale=s.dataset in D.GRAYSCALE)
+    n = min(s.batch_size, 32)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    if path == "loader":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a loader worker is one process on one core
+        views = D.TwoViews([(Image.fromarray(x.permute(1, 2, 0).numpy()), 0) for x in images],
+                           tuple(map(D.pil_view, specs)), 0)
+        t = time.perf_counter()
+        [views[(0, i)] for i in range(n)]
+        torch.set_num_threads(threads)
+    else:
+        device = common.pick_device("auto")
+        list(D.device_views(images.to(device), torch.zeros(n, device=device), specs, [[(0, i) for i in range(n)]], 0))
+        torch.cuda.synchronize() if device.type == "cuda" else None
+    return (time.perf_counter() - t) * s.batch_size / n
+
+
+def per_step(step_s: float, views_s: float, path: str, workers: int) -> tuple[float, str]:
+    """(seconds per step, what bounds it): loader workers draw the next batches while the model trains, so
+    the slower of the two sets the pace; the main process (no workers) or the device itself draws them in turn."""
+    if path == "loader" and workers > 0:
+        data_s = views_s / workers
+        return max(step_s, data_s), f"data ({workers} loader workers)" if data_s > step_s else "steps"
+    return step_s + views_s, "data (views drawn in turn)" if views_s > step_s else "steps"
+
+
 def total_steps(s) -> int:
     """Training steps of a run with the script's settings `s`."""
     return s.epochs * min(TRAIN_IMAGES[s.dataset][0] // s.batch_size, s.steps_per_epoch or sys.maxsize)
 
 
-def estimate(jobs: list[dict], args: Args) -> str:
-    """The runs, their commands, and the time they will take: timed here (a few steps of each
-    configuration, with as many threads as a run will have) and, scaled by FLOPs, on an H200."""
+def estimate(jobs: list[dict], args: Args) -> tuple[str, float]:
+    """The runs, their commands, and the time they will take, data included: timed here (a few steps of each
+    configuration and a few batches of its views, with as many threads and cores as a run will have) and, scaled
+    by FLOPs, on an H200 (on the device views; the PIL path at bench.py's rate per loader worker). Returns the
+    text and the H200 hours still to run."""
     import torch
+    import common
+    import data as D
     import train_byol as Tb
     envs, threads = slots(args.gpus, args.gpus_per_run, args.jobs), torch.get_num_threads()
+    cores = len(slot_cores(len(envs))[0]) or max(1, (os.cpu_count() or 1) // len(envs))
+    cuda_here = common.pick_device("auto").type == "cuda"
     costs, lines, here_total, h200_total, paper = {}, [], 0.0, {}, scale_of(args) == "paper"
     try:  # a run's share of the cores (its OMP_NUM_THREADS) while timing; the caller's afterwards
         torch.set_num_threads(int(envs[0].get("OMP_NUM_THREADS", threads)))
         ref_flops = step_cost("train_byol.py", Tb.parse(["byol", "--dataset", "cifar10"]), 0)[1]
         for job in jobs:
             script, s = job["cmds"][0][0], run_settings(job)
+            workers = s.num_workers if s.num_workers is not None else max(0, cores // args.gpus_per_run - 1)
+            here_path, gpu_path = D.views_on(s.augment_on, s.dataset, cuda_here), D.views_on(s.augment_on, s.dataset, True)
             # the backbone's cost decides: one timing per script and model size, whatever the predictor
-            key = (script, s.dataset, s.crop, s.width, s.batch_size, s.proj_hidden, s.proj_dim, s.pred_hidden)
+            key = (script, s.dataset, s.crop, s.width, s.batch_size, s.proj_hidden, s.proj_dim, s.pred_hidden, here_path)
             if key not in costs:
-                costs[key] = step_cost(script, s, args.time_steps)
-            here, flops = costs[key]
+                costs[key] = *step_cost(script, s, args.time_steps), view_seconds(s, here_path, args.time_steps)
+            here, flops, views = costs[key]
             steps = total_steps(s)
-            h200 = steps * H200_STEP_S * flops / ref_flops
+            here_step, here_bound = (None, "") if here is None else per_step(here, views, here_path, workers)
+            h200_step, h200_bound = per_step(H200_STEP_S * flops / ref_flops, view_seconds(s, gpu_path, 0), gpu_path,
+                                             workers)
             done = (job["dir"] / "linear_eval.json").exists()
-            here_total += 0 if done or here is None else steps * here
-            h200_total[job["dataset"]] = h200_total.get(job["dataset"], 0.0) + (0 if done else h200)
+            here_total += 0 if done or here_step is None else steps * here_step
+            h200_total[job["dataset"]] = h200_total.get(job["dataset"], 0.0) + (0 if done else steps * h200_step)
             lines.append(f"  {'done ' if done else '     '}{job['dataset']}/{job['dir'].name:<32} {steps:>7} steps   "
-                         f"here {'-' if here is None else hours(steps * here):>9}"
-                         + (f"   H200 {hours(h200):>9}" if paper else "") + "\n"
+                         f"here {'-' if here_step is None else hours(steps * here_step):>9}"
+                         + (f" ({here_path} views; bound by {here_bound})" if here_step is not None else "")
+                         + (f"   H200 {hours(steps * h200_step):>9} ({gpu_path} views; bound by {h200_bound})"
+                            if paper else "") + "\n"
                          f"        python {shlex.join(job['cmds'][0])}\n        python {shlex.join(job['cmds'][1])}")
     finally:
         torch.set_num_threads(threads)
@@ -323,12 +417,14 @@ def estimate(jobs: list[dict], args: Args) -> str:
         f"grid: {len(jobs)} runs ({sum((j['dir'] / 'linear_eval.json').exists() for j in jobs)} done), "
         f"{machine_line(args.gpus, args.gpus_per_run, args.jobs)}",
         *lines,
-        f"training steps still to run: here {'(not timed)' if not args.time_steps else hours(here_total / len(envs))} "
+        f"training still to run: here {'(not timed)' if not args.time_steps else hours(here_total / len(envs))} "
         f"({args.time_steps} timed steps per configuration, {len(envs)} run(s) at a time)"
         + (f"; on one H200 {hours(sum(h200_total.values()))} ("
            + ", ".join(f"{d} {hours(t)}" for d, t in h200_total.items()) + f"; from its measured {1e3 * H200_STEP_S:.0f} ms "
-           f"per BYOL step on CIFAR-10 at batch {Tb.PRESETS['byol'][1].batch_size}, scaled by FLOPs)" if paper else "")
-        + ". Evaluation, checkpoints and linear_eval.py add to it (6-11% of each epoch in the laptop runs)."])
+           f"per BYOL step on CIFAR-10 at batch {Tb.PRESETS['byol'][1].batch_size}, scaled by FLOPs; device views there "
+           f"are not counted, the PIL path at {LOADER_PAIRS_PER_S} pairs/s per loader worker)" if paper else "")
+        + ". Evaluation, checkpoints and linear_eval.py add to it (6-11% of each epoch in the laptop runs)."]), \
+        sum(h200_total.values()) / 3600
 
 
 def machine_line(gpus: str, per_run: int, jobs: int) -> str:
@@ -365,6 +461,18 @@ def collect(job: dict) -> dict:
                 knn_by_step=[[r["step"], r["knn_top1"]] for r in evaluated], provenance=config.get("provenance"))
 
 
+def earlier_records(path: Path, jobs: list[dict]) -> dict:
+    """The records of `jobs` that the results folder's grid.json already holds (the same run: the same name and
+    command), for runs whose directories are not on this machine: a table collected here keeps what was committed
+    or made elsewhere. Each is marked with the date of the table it comes from."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    old = {(r["dataset"], r["run"]): r for r in saved["runs"]}
+    return {j["dir"].name: {**r, "kept_from": r.get("kept_from", saved["date"])} for j in jobs
+            if (r := old.get((j["dataset"], j["dir"].name))) and r["command"] == "python " + shlex.join(j["cmds"][0])}
+
+
 def summary(values) -> str:
     v = np.asarray([x for x in values if x is not None], dtype=float)
     return "-" if not len(v) else f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
@@ -399,7 +507,8 @@ def table(results: list[dict], refs: dict, args: Args, header: str) -> str:
             "|" + "---|" * 8]
     for r in results:
         fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
-        out.append(f"| {r['dataset']}/`{r['run']}` | {r['step']} | {r['std']:.3f} | {fmt(r['erank_z'], '{:.1f}')} | "
+        kept = f" (kept from the table of {r['kept_from']})" if r.get("kept_from") else ""
+        out.append(f"| {r['dataset']}/`{r['run']}`{kept} | {r['step']} | {r['std']:.3f} | {fmt(r['erank_z'], '{:.1f}')} | "
                    f"{fmt(r['mean_share_z'], '{:.2f}')} | {'yes' if r['collapse_warning'] else 'no'} | "
                    f"{100 * r['not_steps']:.0f}% | {hours(r['train_s'])} |")
     healthy = sorted({f"{r['healthy_std']:.3f}" for r in results})
@@ -443,15 +552,27 @@ def main(args: Args) -> list[dict]:
     import rundir as R
     scale, jobs, envs = scale_of(args), plan(args), slots(args.gpus, args.gpus_per_run, args.jobs)
     results_dir = Path(args.results_dir or f"results/{'+'.join(args.dataset)}-{scale}")
+    if args.download and not args.dry_run:
+        fetch_data(args.dataset, args.data_dir)
+    if args.cluster.slurm:
+        h200 = estimate(jobs, Args(**{**vars(args), "time_steps": 0}))[1] if scale == "paper" else None
+        SL.submit(jobs, args.cluster, args.gpus_per_run, name="grid", dry_run=args.dry_run, estimate_h=h200)
+        return []
     if args.dry_run:
-        print(estimate(jobs, args))
+        print(estimate(jobs, args)[0])
         return []
     todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists()]
     machine = machine_line(args.gpus, args.gpus_per_run, args.jobs)
     print(f"grid: {len(jobs)} runs ({len(jobs) - len(todo)} done already) on {machine} -> {results_dir}", flush=True)
     t0 = time.perf_counter()
-    execute(todo, envs, args.gpus_per_run)
-    results = [collect(j) for j in jobs]
+    if not args.collect:
+        execute(todo, envs, args.gpus_per_run)
+    kept = earlier_records(results_dir / "grid.json", todo) if args.collect else {}
+    results = [collect(j) if (j["dir"] / "linear_eval.json").exists() else kept[j["dir"].name] for j in jobs
+               if j not in todo or j["dir"].name in kept]
+    print("".join(f"  not finished (left out): {j['dir']}\n" for j in todo if j["dir"].name not in kept), end="")
+    if not results:
+        raise SystemExit("error: --collect: no run of the grid has finished yet")
     refs = {}
     for dataset in args.dataset:
         for seed in args.seeds:
@@ -467,7 +588,7 @@ def main(args: Args) -> list[dict]:
     text = table(results, refs, args, header)
     common.atomic_write_text(results_dir / "grid.md", text + "\n")
     common.atomic_write_text(results_dir / "grid.json", json.dumps(dict(
-        command=command, date=when, machine=machine, scale=scale, args=vars(args), minutes=(time.perf_counter() - t0) / 60,
+        command=command, date=when, machine=machine, scale=scale, args=asdict(args), minutes=(time.perf_counter() - t0) / 60,
         provenance=R.provenance(), runs=results,
         random_init=[dict(dataset=d, seed=s, linear=100 * r["offline_linear"]["top1"], knn=100 * r["knn"]["results"]["k=20"]["top1"])
                      for (d, s), r in refs.items()]), indent=1) + "\n")
@@ -478,6 +599,4 @@ def main(args: Args) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import tyro
-
     main(tyro.cli(Args, description=__doc__))

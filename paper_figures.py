@@ -40,9 +40,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from grid import ROWS, eval_command, evaluate_random_init, execute, machine_line, run_name, slots, train_command
+import tyro
+
+import slurm as SL
+
+from grid import (ROWS, eval_command, evaluate_random_init, execute, fetch_data, machine_line, run_name, slots,
+                  train_command)
 
 FIG3 = ("directpred", "isoloss", "mlp")  # its columns
 DECAYS = (4e-4, 1e-5, 1e-6)  # Fig. 8; 1e-5 is every preset's
@@ -57,6 +62,8 @@ def figure_runs(figure: str) -> list[tuple[str, str, bool, float, bool]]:
     """(method, loss, ema, weight decay, raw spectrum) of every run a figure draws."""
     if figure == "3":
         return [(m, loss, True, 1e-5, False) for loss in ("euclidean", "cosine") for m in FIG3]
+    if figure == "4":  # the learnable linear predictor, with the EMA target as in the paper's figure
+        return [("linear", loss, True, 1e-5, False) for loss in ("cosine", "euclidean")]
     if figure == "7":  # and DirectPred without the EMA target: the claim is that IsoLoss copes better there
         return [("isoloss", "cosine", True, 1e-5, False), ("isoloss", "cosine", False, 1e-5, False),
                 ("directpred", "cosine", False, 1e-5, False)]
@@ -69,7 +76,7 @@ def figure_runs(figure: str) -> list[tuple[str, str, bool, float, bool]]:
 
 @dataclass
 class Args:
-    figures: tuple[Literal["3", "7", "8", "ablations", "euclidean"], ...] = ("3", "7")
+    figures: tuple[Literal["3", "4", "7", "8", "ablations", "euclidean"], ...] = ("3", "7")
     """which figures to run and draw (ablations: SimSiam without predictor / stop-gradient, for comparison; euclidean:
     the Euclidean loss without the EMA target)"""
     scale: Literal["laptop", "paper"] = "laptop"
@@ -90,6 +97,10 @@ class Args:
     """GPU indices to use, e.g. "0,1" (empty: the CPU), one run per GPU"""
     train_args: str = ""
     """more options for every training run, e.g. "--epochs 4" for a quick look (figures.json records them)"""
+    download: bool = False
+    """the data step first: download the data set into --data-dir once, before any run starts"""
+    cluster: Annotated[SL.SlurmOptions, tyro.conf.OmitArgPrefixes] = SL.SlurmOptions()
+    """--slurm and its options: the runs as one SLURM job array instead of here (slurm.py); then --draw-only"""
     draw_only: bool = False
     """draw from the run directories as they are (runs not started yet are left out)"""
 
@@ -150,7 +161,18 @@ def collect(job: dict) -> dict | None:
                 collapse_warning=last["collapse_warning"], near_top=near_top(last["eigenvalues"]),
                 near_top_by_step=[[r["step"], near_top(r["eigenvalues"])] for r in records],
                 knn_monitor=[[r["step"], r["knn_top1"]] for r in records if r.get("knn_top1") is not None],
-                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"], failed=failed)
+                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"], failed=failed,
+                **alignment(records))
+
+
+def alignment(records: list[dict]) -> dict:
+    """A learnable linear predictor's eigenvector alignment (Fig. 4): per epoch, cos(u, W u) for each eigenvector u
+    of C from the largest eigenvalue down, and how many of them align above 0.9, at the end and per epoch."""
+    if "eigenvector_alignment" not in records[-1]:
+        return {}
+    by_step = [[r["step"], r["eigenvector_alignment"][::-1]] for r in records]
+    count = lambda a: sum(1 for c in a if c > 0.9)  # noqa: E731
+    return dict(alignment=by_step, aligned=count(by_step[-1][1]), aligned_by_step=[[s, count(a)] for s, a in by_step])
 
 
 def fault(r: dict) -> str:
@@ -173,6 +195,11 @@ def table(results: dict, ref: dict | None, header: str) -> str:
     if ref is not None:
         rows.append(f"| random init (same backbone) | 0 | {100 * ref['knn']['results']['k=20']['top1']:.1f} | "
                     f"{100 * ref['offline_linear']['top1']:.1f} | - | - | - | - | - |")
+    aligned = [f"- `{r['name']}`: {r['aligned']} at the end; most {max(c for _, c in r['aligned_by_step'])}, "
+               f"by step {next(s for s, c in r['aligned_by_step'] if c == max(n for _, n in r['aligned_by_step']))}"
+               for r in results.values() if r.get("aligned") is not None]
+    if aligned:  # Fig. 4's number
+        rows += ["", "Eigenvectors of C whose alignment cos(u, W u) with the learnable predictor W exceeds 0.9:", *aligned]
     return "\n".join([header, "", *rows])
 
 
@@ -184,6 +211,9 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
     if figure == "3":
         grid = [[run_name(m, loss, seed=seed) for m in FIG3] for loss in ("euclidean", "cosine")]
         labels = [[f"{loss}: {ROWS[m][0]}" for m in FIG3] for loss in ("euclidean", "cosine")]
+    elif figure == "4":
+        grid = [[run_name("linear", loss, seed=seed)] for loss in ("cosine", "euclidean")]
+        labels = [[f"{loss}: learnable linear predictor W"] for loss in ("cosine", "euclidean")]
     elif figure == "7":
         grid = [[run_name("isoloss", ema=True, seed=seed), run_name("isoloss", ema=False, seed=seed),
                  run_name("directpred", ema=False, seed=seed)]]
@@ -198,7 +228,7 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
     else:
         grid = [[run_name(m, wd=wd, seed=seed) for wd in DECAYS] for m in ("directpred", "isoloss")]
         labels = [[f"{ROWS[m][0]}, weight decay {wd:g}" for wd in DECAYS] for m in ("directpred", "isoloss")]
-    cols = len(grid[0]) + 1
+    cols = len(grid[0]) + 1 + (figure == "4")  # Fig. 4: the eigenvector alignment beside the spectrum
     fig, axes = plt.subplots(len(grid), cols, figsize=(4.2 * cols, 3.4 * len(grid)), squeeze=False)
     last = max([results[n]["step"] or 0 for row in grid for n in row if n in results] + [1])
     for i, row in enumerate(grid):
@@ -214,6 +244,8 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
                 for k in range(values.shape[1]):
                     ax.plot(steps, values[:, k], color=plt.cm.viridis(k / max(1, values.shape[1] - 1)), lw=0.7)
                 ax.text(0.02, 0.02, f"{r['near_top']} within 10x of the largest", transform=ax.transAxes, fontsize=8)
+        if figure == "4":
+            alignment_panel(axes[i, 1], results.get(row[0]), plt)
         ax = axes[i, -1]
         for j, name in enumerate(row):
             if results.get(name) and results[name]["knn_monitor"]:
@@ -230,6 +262,19 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
     plt.close(fig)
 
 
+def alignment_panel(ax, r: dict | None, plt) -> None:
+    """The paper's Fig. 4: cos(u, W u) for the eigenvectors u of C sorted by eigenvalue, one curve per evaluation,
+    coloured by step (dark early, yellow late)."""
+    ax.set(xlabel="eigenvector of C (largest eigenvalue first)", ylabel="alignment cos(u, W u)", ylim=(-0.1, 1.05))
+    ax.set_title("alignment of W's eigenvectors with C's", fontsize=9)
+    if r and r.get("alignment"):
+        last = r["alignment"][-1][0] or 1
+        for step, values in r["alignment"]:
+            ax.plot(range(len(values)), values, color=plt.cm.viridis(step / last), lw=0.8)
+        ax.axhline(0.9, color="gray", lw=0.5, ls=":")
+        ax.text(0.98, 0.02, f"{r['aligned']} above 0.9 at step {last}", transform=ax.transAxes, ha="right", fontsize=8)
+
+
 def main(args: Args) -> dict:
     import common
     if args.jobs < 1:
@@ -239,6 +284,11 @@ def main(args: Args) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_line(args.gpus, 1, args.jobs)
     t0 = time.perf_counter()
+    if args.download and not args.draw_only:
+        fetch_data((dataset,), args.data_dir)
+    if args.cluster.slurm and not args.draw_only:
+        SL.submit(jobs, args.cluster, 1, name="paper-figures")
+        return {}
     if not args.draw_only:
         # A run that stopped on a fault (a divergence, say) is a result: kept in failed.txt and not run again.
         todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists() and not (j["dir"] / "failed.txt").exists()]
@@ -248,30 +298,42 @@ def main(args: Args) -> dict:
         for job in todo:
             if job.get("failed"):
                 (job["dir"] / "failed.txt").write_text(job["failed"] + "\n")
-    results = {r["name"]: r for r in map(collect, jobs) if r is not None}
-    started = [j for j in jobs if j["name"] in results]
+    found = {r["name"]: r for r in map(collect, jobs) if r is not None}  # the runs on this machine
+    # The results folder keeps every run drawn so far: a run found here replaces its record, the others stay, so
+    # that drawing a subset, or drawing in a clone without the run directories, loses nothing committed.
+    saved = json.loads((results_dir / "figures.json").read_text()) if (results_dir / "figures.json").exists() else {}
+    results = {**saved.get("runs", {}), **found}
+    started = [j for j in jobs if j["name"] in found]
     init = out / f"random-init-s{args.seed}" / "linear_eval.json"
     ref = random_init(out, dataset, started[0], args) if started and not args.draw_only else None
-    if ref is None and init.exists():
-        ref = json.loads(init.read_text())
+    if ref is None:
+        ref = json.loads(init.read_text()) if init.exists() else saved.get("random_init")
     title = f"{dataset}, {args.scale} scale{f' ({args.train_args})' if args.train_args else ''}; on {machine}"
+    drawn = []
     for fig in args.figures:
-        draw(fig, results, results_dir / figure_file(fig), f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}",
-             args.seed)
+        names = [run_name(m, loss, ema, wd, args.seed, raw) for m, loss, ema, wd, raw in figure_runs(fig)]
+        missing, path = [n for n in names if n not in results], results_dir / figure_file(fig)
+        if not any(n in found for n in names):
+            print(f"{path.name}: none of its runs is here ({', '.join(names)}); not redrawn")
+        elif missing and path.exists():
+            print(f"{path.name}: not redrawn, its runs {', '.join(missing)} are missing; "
+                  f"`python paper_figures.py --figures {fig}` makes them")
+        else:
+            draw(fig, results, path, f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}", args.seed)
+            drawn.append(path.name)
     header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
               f"{f' --seed {args.seed}' if args.seed else ''}{f' --results-dir {args.results_dir}' if args.results_dir else ''}"
               f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {machine}, "
               f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py on the test split.")
-    common.atomic_write_text(results_dir / "figures.md", table(results, ref, header) + "\n")
-    common.atomic_write_text(results_dir / "figures.json", json.dumps(dict(
-        runs=results, random_init=ref, machine=machine, dataset=dataset, scale=args.scale, train_args=args.train_args,
-        minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
-    print(table(results, ref, header) + f"\n\nwrote {', '.join(map(figure_file, args.figures))}, figures.md, "
-          f"figures.json in {results_dir}")
+    if found:  # nothing new: the table and its numbers stay as they are, byte for byte
+        common.atomic_write_text(results_dir / "figures.md", table(results, ref, header) + "\n")
+        common.atomic_write_text(results_dir / "figures.json", json.dumps(dict(
+            runs=results, random_init=ref, machine=machine, dataset=dataset, scale=args.scale, train_args=args.train_args,
+            minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
+        print(table(results, ref, header))
+    print(f"wrote {', '.join(drawn + (['figures.md', 'figures.json'] if found else [])) or 'nothing'} in {results_dir}")
     return results
 
 
 if __name__ == "__main__":
-    import tyro
-
     main(tyro.cli(Args, description=__doc__))

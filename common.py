@@ -260,6 +260,20 @@ def knn_scores(train_x, train_y, test_x, n_classes, k, temperature=0.07, chunk=1
     return torch.cat(out)
 
 
+def probe_scores(train_x, train_y, test_x, n_classes, ridge: float = 0.01) -> torch.Tensor:
+    """Class scores (N_test, n_classes) of a linear probe fitted in closed form: ridge regression onto one-hot
+    labels of the features standardised with the train points' mean and std (float64). Unlike cosine k-NN, a
+    large shared mean or a few dominant directions of the raw features do not decide it; ridge (times N) keeps
+    it defined when the features span few directions."""
+    x = train_x.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+    y = F.one_hot(train_y, n_classes).double()
+    w = torch.linalg.solve(x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device), x.T @ y)
+    test = (test_x.double() - mean) / std
+    return torch.cat([test, torch.ones(len(test), 1, dtype=test.dtype, device=test.device)], 1) @ w
+
+
 def mode_gradients(predictor: ClosedFormPredictor, loss: str, z: torch.Tensor, t: torch.Tensor) -> dict:
     """What the theory is about, measured in a deep run: the gradient that reaches z (one view order),
     per eigenvector of C (ascending eigenvalue), as the RMS over the batch of the per-sample gradient,

@@ -243,7 +243,7 @@ def append_metrics(out: Path, record: dict, epochs: int) -> None:
         _last_plot[0] = time.monotonic()
     health = "" if "erank_z" not in record else (
         f"  online_readout top-1 {record['online_readout_top1']:.2f}%"
-        + ("" if record["knn_top1"] is None else f"  k-NN {record['knn_top1']:.2f}%")
+        + ("" if record["knn_top1"] is None else f"  k-NN {record['knn_top1']:.2f}%  probe {record['probe_top1']:.2f}%")
         + f"  effective rank z {record['erank_z']:.1f} f {record['erank_f']:.1f}")
     print(f"epoch {record['epoch']}/{epochs}  step {record['step']}  loss {record['loss']:.4f}{health}"
           f"  std(z/|z|) {record['std_normalized_z']:.4f}", flush=True)
@@ -278,7 +278,7 @@ def plot(out: Path, records: list[dict]) -> None:
     fig.savefig(out / "eigenvalues.png", dpi=100)
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), gridspec_kw=dict(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.25))
     for ax, keys, ylabel, title in zip(
-            axes, (("online_readout_top1", "knn_top1"), ("erank_z", "erank_f"), ("std_normalized_z",), ("mean_share_z",)),
+            axes, (("online_readout_top1", "knn_top1", "probe_top1"), ("erank_z", "erank_f"), ("std_normalized_z",), ("mean_share_z",)),
             ("accuracy (%)", "effective rank (RankMe)", "std of z/|z|", "|E z|^2 / E|z|^2"),
             ("test split, eval mode", "centred covariance (test split, eval mode)", "collapse indicator (training batches)",
              "share of the mean in z (test split, eval mode)")):

@@ -347,6 +347,9 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
         bank_f, _, _, bank_y = outputs(bank_loader)
         scores = common.knn_scores(bank_f, bank_y, f, logits.shape[1], learner.args.knn_k)
         out["knn_top1"] = 100 * common.topk_accuracy(scores, y, ks=(1,))[0]
+        # A linear probe on the same standardised features: it sees learning that the raw features' mean hides.
+        probe = common.probe_scores(bank_f, bank_y, f, logits.shape[1])
+        out["probe_top1"] = 100 * common.topk_accuracy(probe, y, ks=(1,))[0]
     learner.train()
     return out
 

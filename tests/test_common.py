@@ -325,3 +325,23 @@ def test_atomic_save_and_clear_checkpoint_errors(tmp_path):
     for name in ("trunc.pt", "junk.pt", "absent.pt"):
         with pytest.raises(common.CheckpointError, match=name):
             common.load_checkpoint(tmp_path / name)
+
+
+def test_the_probe_monitor_reads_features_that_a_large_shared_mean_hides_from_cosine_knn():
+    """Two classes a small step apart along one quiet direction, beside a large shared mean and six loud directions
+    that carry nothing: cosine k-NN measures angles that the loud ones decide; the probe standardises and
+    fits the direction that separates the classes."""
+    g = torch.Generator().manual_seed(0)
+
+    def features(n):
+        y = torch.arange(n) % 2
+        x = torch.randn(n, 8, generator=g)
+        x[:, 0] = 100.0  # the shared mean
+        x[:, 1] = torch.where(y == 1, 1.0, -1.0) * 0.3 + 0.05 * x[:, 1]
+        return x, y
+    (xb, yb), (xt, yt) = features(400), features(200)
+    probe = common.topk_accuracy(common.probe_scores(xb, yb, xt, 2), yt, ks=(1,))[0]
+    knn = common.topk_accuracy(common.knn_scores(xb, yb, xt, 2, k=20), yt, ks=(1,))[0]
+    assert probe == 1.0 and knn < 0.9
+    flat = common.probe_scores(torch.ones(10, 4), torch.arange(10) % 2, torch.ones(3, 4), 2)  # no spread at all: defined
+    assert torch.isfinite(flat).all()

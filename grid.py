@@ -136,11 +136,12 @@ def scale_of(args: Args) -> str:
     return args.scale if args.scale != "auto" else "laptop" if laptop == {True} else "paper"
 
 
-def run_name(row: str, loss: str = "cosine", ema: bool = True, wd: float = 1e-5, seed: int = 0, raw: bool = False) -> str:
+def run_name(row: str, loss: str = "cosine", ema: bool = True, wd: float = 1e-5, seed: int = 0, raw: bool = False,
+             epochs: int | None = None) -> str:
     """A run's directory name: the same run has the same name in the grid and in paper_figures.py (raw: W_P from
-    C's own eigenvalues, --no-normalize-spectrum)."""
+    C's own eigenvalues, --no-normalize-spectrum; epochs: other than the preset's)."""
     return (f"{loss}-{row}-{'ema' if ema else 'noema'}" + ("" if wd == 1e-5 else f"-wd{wd:g}") + ("-raw" if raw else "")
-            + f"-s{seed}")
+            + (f"-{epochs}ep" if epochs else "") + f"-s{seed}")
 
 
 def train_command(row: str, ema: bool, scale: str, dataset: str, data_dir: str, run_dir: Path, seed: int = 0,

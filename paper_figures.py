@@ -51,7 +51,11 @@ from grid import (ROWS, eval_command, evaluate_random_init, execute, fetch_data,
 
 FIG3 = ("directpred", "isoloss", "mlp")  # its columns
 DECAYS = (4e-4, 1e-5, 1e-6)  # Fig. 8; 1e-5 is every preset's
-FIGURE_TITLES = {"ablations": "Collapse ablations", "euclidean": "Euclidean loss without the EMA target"}
+FIGURE_TITLES = {"ablations": "Collapse ablations", "euclidean": "Euclidean loss without the EMA target",
+                 "long": "Five times longer (12,000 steps)"}
+# Figures whose runs train for other than the preset's epochs: the long horizon, five times the laptop preset's 24.
+FIGURE_EPOCHS = {"long": 120}
+LONG_MARK = 2_400  # the laptop preset's length, marked in the long figure
 
 
 def figure_file(figure: str) -> str:
@@ -67,6 +71,9 @@ def figure_runs(figure: str) -> list[tuple[str, str, bool, float, bool]]:
     if figure == "7":  # and DirectPred without the EMA target: the claim is that IsoLoss copes better there
         return [("isoloss", "cosine", True, 1e-5, False), ("isoloss", "cosine", False, 1e-5, False),
                 ("directpred", "cosine", False, 1e-5, False)]
+    if figure == "long":  # does the laptop model reach the authors' state if it trains longer?
+        return [("isoloss", "cosine", True, 1e-5, False), ("directpred", "cosine", True, 1e-5, False),
+                ("isoloss", "cosine", False, 1e-5, False)]
     if figure == "ablations":  # SimSiam's collapse ablations: what a collapse looks like in the same set-up
         return [(m, "cosine", False, 1e-5, False) for m in ("no-predictor", "no-stop-grad")]
     if figure == "euclidean":
@@ -76,7 +83,7 @@ def figure_runs(figure: str) -> list[tuple[str, str, bool, float, bool]]:
 
 @dataclass
 class Args:
-    figures: tuple[Literal["3", "4", "7", "8", "ablations", "euclidean"], ...] = ("3", "7")
+    figures: tuple[Literal["3", "4", "7", "8", "ablations", "euclidean", "long"], ...] = ("3", "7")
     """which figures to run and draw (ablations: SimSiam without predictor / stop-gradient, for comparison; euclidean:
     the Euclidean loss without the EMA target)"""
     scale: Literal["laptop", "paper"] = "laptop"
@@ -111,13 +118,16 @@ def plan(args: Args) -> tuple[Path, str, list[dict]]:
     out = Path(args.runs_dir) / f"{dataset}-{args.scale}"
     jobs, seen = [], set()
     for fig in args.figures:
+        epochs = FIGURE_EPOCHS.get(fig)
+        if epochs and args.scale != "laptop":
+            raise SystemExit(f"error: --figures {fig} is the laptop's; the paper's runs are 1,000 epochs already")
         for method, loss, ema, wd, raw in figure_runs(fig):
-            name = run_name(method, loss, ema, wd, args.seed, raw)
+            name = run_name(method, loss, ema, wd, args.seed, raw, epochs)
             if name in seen:
                 continue
             seen.add(name)
-            train = train_command(method, ema, args.scale, dataset, args.data_dir, out / name, args.seed, loss, wd, args.train_args,
-                                  raw)
+            extra = (f"--epochs {epochs} " if epochs else "") + args.train_args  # the user's options come last
+            train = train_command(method, ema, args.scale, dataset, args.data_dir, out / name, args.seed, loss, wd, extra, raw)
             jobs.append(dict(name=name, method=method, loss=loss, ema=ema, wd=wd, raw=raw, dir=out / name,
                              cmds=[train, eval_command(out / name, dataset, args.data_dir)]))
     return out, dataset, jobs
@@ -161,6 +171,7 @@ def collect(job: dict) -> dict | None:
                 collapse_warning=last["collapse_warning"], near_top=near_top(last["eigenvalues"]),
                 near_top_by_step=[[r["step"], near_top(r["eigenvalues"])] for r in records],
                 knn_monitor=[[r["step"], r["knn_top1"]] for r in records if r.get("knn_top1") is not None],
+                probe_monitor=[[r["step"], r["probe_top1"]] for r in records if r.get("probe_top1") is not None],
                 spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"], failed=failed,
                 **alignment(records))
 
@@ -203,7 +214,7 @@ def table(results: dict, ref: dict | None, header: str) -> str:
     return "\n".join([header, "", *rows])
 
 
-def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> None:
+def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0, ref: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,6 +229,9 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
         grid = [[run_name("isoloss", ema=True, seed=seed), run_name("isoloss", ema=False, seed=seed),
                  run_name("directpred", ema=False, seed=seed)]]
         labels = [["IsoLoss, with the EMA target", "IsoLoss, without (SimSiam-style)", "DirectPred, without"]]
+    elif figure == "long":
+        grid = [[run_name(m, ema=ema, seed=seed, epochs=FIGURE_EPOCHS[figure]) for m, _, ema, _, _ in figure_runs(figure)]]
+        labels = [["IsoLoss, with the EMA target", "DirectPred, with", "IsoLoss, without"]]
     elif figure == "euclidean":
         grid = [[run_name(m, "euclidean", False, seed=seed, raw=raw) for m in ("directpred", "isoloss")] for raw in (False, True)]
         labels = [[f"{ROWS[m][0]}, {spectrum}" for m in ("directpred", "isoloss")]
@@ -248,14 +262,25 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0) -> N
             alignment_panel(axes[i, 1], results.get(row[0]), plt)
         ax = axes[i, -1]
         for j, name in enumerate(row):
-            if results.get(name) and results[name]["knn_monitor"]:
-                steps, knn = zip(*results[name]["knn_monitor"])
-                ax.plot(steps, knn, "o-", ms=3, color=f"C{j}", label=labels[i][j])
-        ax.set(xlabel="step", ylabel="k-NN top-1 (%)")
-        ax.set_title("k-NN monitor (test split, 10,000 train images as bank)", fontsize=9)
+            for key, style in (("knn_monitor", "o-"), ("probe_monitor", "s--")):
+                if results.get(name) and results[name].get(key):
+                    steps, top1 = zip(*results[name][key])
+                    ax.plot(steps, top1, style, ms=3, color=f"C{j}", label=labels[i][j] if key == "knn_monitor" else None)
+        if ref is not None:  # linear_eval.py's numbers: all 60,000 train images, so not the monitors' bank of 10,000
+            for value, style, what in ((ref["knn"]["results"]["k=20"]["top1"], ":", "k-NN"),
+                                       (ref["offline_linear"]["top1"], "-.", "linear")):
+                ax.axhline(100 * value, color="gray", ls=style, lw=0.8, label=f"random init, linear_eval {what}")
+        ax.set(xlabel="step", ylabel="top-1 (%)")
+        ax.set_title("k-NN (solid) and linear probe (dashed) monitors\n(test split; 10,000 train images as bank)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
+    if figure == "long":
+        for ax in axes.flat:
+            ax.axvline(LONG_MARK, color="gray", ls=":", lw=0.8)
+            ax.text(LONG_MARK, 1.0, f" {LONG_MARK:,} steps (the laptop preset)", transform=ax.get_xaxis_transform(),
+                    fontsize=7, va="top", color="gray")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -311,7 +336,8 @@ def main(args: Args) -> dict:
     title = f"{dataset}, {args.scale} scale{f' ({args.train_args})' if args.train_args else ''}; on {machine}"
     drawn = []
     for fig in args.figures:
-        names = [run_name(m, loss, ema, wd, args.seed, raw) for m, loss, ema, wd, raw in figure_runs(fig)]
+        names = [run_name(m, loss, ema, wd, args.seed, raw, FIGURE_EPOCHS.get(fig))
+                 for m, loss, ema, wd, raw in figure_runs(fig)]
         missing, path = [n for n in names if n not in results], results_dir / figure_file(fig)
         if not any(n in found for n in names):
             print(f"{path.name}: none of its runs is here ({', '.join(names)}); not redrawn")
@@ -319,7 +345,7 @@ def main(args: Args) -> dict:
             print(f"{path.name}: not redrawn, its runs {', '.join(missing)} are missing; "
                   f"`python paper_figures.py --figures {fig}` makes them")
         else:
-            draw(fig, results, path, f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}", args.seed)
+            draw(fig, results, path, f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}", args.seed, ref)
             drawn.append(path.name)
     header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
               f"{f' --seed {args.seed}' if args.seed else ''}{f' --results-dir {args.results_dir}' if args.results_dir else ''}"

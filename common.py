@@ -122,7 +122,8 @@ class ClosedFormPredictor(nn.Module):
     def __init__(self, dim: int, alpha: float, eps: float, tau: float, normalize: bool = True):
         super().__init__()
         if alpha <= 0 or eps < 0 or not 0 <= tau < 1:
-            raise ValueError(f"ClosedFormPredictor needs alpha > 0, eps >= 0, 0 <= tau < 1; got {alpha=}, {eps=}, {tau=}")
+            raise ValueError("ClosedFormPredictor needs alpha > 0, eps >= 0, 0 <= tau < 1; "
+                             f"got {alpha=}, {eps=}, {tau=}")
         self.alpha, self.eps, self.tau, self.normalize = alpha, eps, tau, normalize
         self.register_buffer("C", torch.zeros(dim, dim, dtype=torch.float64))
         self.register_buffer("eigvals", torch.zeros(dim, dtype=torch.float64))
@@ -136,7 +137,8 @@ class ClosedFormPredictor(nn.Module):
         # One host sync per update (per view); eigh below synchronises on CUDA anyway. Checked after the
         # all-reduce so that every rank raises together instead of one rank hanging.
         if not torch.isfinite(batch).all():
-            raise FloatingPointError("ClosedFormPredictor.update: the projector outputs contain NaN or Inf; C was left unchanged")
+            raise FloatingPointError("ClosedFormPredictor.update: the projector outputs contain NaN or Inf; "
+                                     "C was left unchanged")
         self.C.mul_(self.tau).add_(batch, alpha=1 - self.tau)
         s, U = torch.linalg.eigh(self.C)
         self.eigvals.copy_(s)
@@ -168,8 +170,8 @@ def build_predictor(kind: str, dim: int, hidden: int, tau: float, alpha: float |
     (closed-form predictors only)."""
     if kind in CLOSED_FORM:
         spec = CLOSED_FORM[kind]
-        return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha, spec["eps"] if eps is None else eps, tau,
-                                   normalize)
+        return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha,
+                                   spec["eps"] if eps is None else eps, tau, normalize)
     others = {"mlp": lambda: MLPPredictor(dim, hidden), "linear": lambda: LinearPredictor(dim), "none": nn.Identity}
     if kind not in others:
         raise ValueError(f"unknown predictor {kind!r}; choose one of {', '.join([*others, *CLOSED_FORM])}")
@@ -385,7 +387,8 @@ def cpu_info() -> tuple[str, set[str]]:
             model = value.strip()
         elif key.strip() == "flags":
             flags = set(value.split())
-    ext = "/".join(n for n, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if f in flags) or "no AVX2"
+    ext = "/".join(n for n, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile"))
+                   if f in flags) or "no AVX2"
     bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
     return f"{model}, {os.cpu_count()} cores, {ext}, {bf16}", flags
 
@@ -448,7 +451,8 @@ class Progress:
         rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else math.inf
         extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-        hms = f"{int(eta) // 3600:02d}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if math.isfinite(eta) else "--:--:--"
+        hms = (f"{int(eta) // 3600:02d}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}"
+               if math.isfinite(eta) else "--:--:--")
         return f"{done:>8d}/{self.total:<8d} {extra}  {rate:8.1f} {self.unit}/s  ETA {hms}"
 
 

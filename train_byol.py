@@ -1,7 +1,8 @@
 # --- METHOD (BYOL): what this file trains ---
 """BYOL-style non-contrastive SSL: an EMA target network and LARS. The paper's ResNet-18 runs with a target.
 
-    python train_byol.py [PRESET] [--dataset cifar10|cifar100|stl10|tinyimagenet|imagefolder|digits|fashionmnist] [--field VALUE]
+    python train_byol.py [PRESET] [--dataset cifar10|cifar100|stl10|tinyimagenet|imagefolder|digits|fashionmnist]
+                         [--field VALUE]
 
 The paper's grid with an EMA target (METHOD.md section 6; train_simsiam.py has the runs without one):
 
@@ -58,9 +59,11 @@ class Args:
     # --- the run ---
     out_dir: str = ""
     """Run directory (checkpoints, metrics, figures). Default: runs/NAME-DATASET-sSEED."""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits", "fashionmnist"] = "cifar10"
-    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's;
-    fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)."""
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits",
+                     "fashionmnist"] = "cifar10"
+    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*;
+    digits: scikit-learn's; fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist
+    (apt-get install dataset-fashion-mnist)."""
     data_dir: str = "data"
     """Where the data set is (tinyimagenet, imagefolder: the folder that holds train/ and val/)."""
     download: bool = False
@@ -71,10 +74,12 @@ class Args:
     """auto (CUDA when present), cpu, cuda, cuda:1, ... Under torchrun each rank takes cuda:LOCAL_RANK."""
     num_workers: int | None = None
     """Data-loading processes per rank, alive across epochs (0: load in the main process). Default: the cores this
-    process may use (grid.py gives each run its share), shared by the ranks on this machine, less one. Results do not change."""
+    process may use (grid.py gives each run its share), shared by the ranks on this machine, less one. Results do
+    not change."""
     augment_on: Literal["auto", "loader", "device"] = "auto"
-    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions). auto: on the
-    device on CUDA for every data set held in memory (all but imagefolder: a GPU outruns the PIL workers), else the loader."""
+    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions).
+    auto: on the device on CUDA for every data set held in memory (all but imagefolder: a GPU outruns the PIL
+    workers), else the loader."""
     epochs: int = 1000
     """Training epochs."""
     batch_size: int = 256
@@ -95,7 +100,8 @@ class Args:
     """torch.compile the model (slow to start, faster per step on GPUs)."""
     # --- the networks and the views ---
     width: float = 1.0
-    """ResNet-18 width multiplier (0.25: a quarter of the channels, for CPUs). Width 1 exports a torchvision ResNet-18."""
+    """ResNet-18 width multiplier (0.25: a quarter of the channels, for CPUs). Width 1 exports a torchvision
+    ResNet-18."""
     proj_hidden: int = 4096
     """Projector hidden size: Linear(512 w, h)-BN-ReLU-Linear(h, d)."""
     proj_dim: int = 256
@@ -103,12 +109,13 @@ class Args:
     pred_hidden: int = 4096
     """MLP predictor hidden size."""
     crop: int | None = None
-    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet, imagefolder);
-    <= 32: the small (CIFAR) stem."""
+    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet,
+    imagefolder); <= 32: the small (CIFAR) stem."""
     min_scale: float = 0.08
     """Smallest area of a random resized crop, as a fraction of the image (METHOD.md 6: 0.08)."""
     blur: tuple[float, float] | None = None
-    """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0) otherwise."""
+    """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0)
+    otherwise."""
     # --- the predictor and the loss (METHOD.md sections 2-3) ---
     predictor: Literal["mlp", "linear", "directpred", "directcopy", "none"] = "mlp"
     """mlp (BYOL/SimSiam), linear (learnable W), directpred/directcopy (closed form from C), none (ablation)."""
@@ -121,8 +128,9 @@ class Args:
     eps: float | None = None
     """Closed-form predictor: s_hat = s / max(s) + eps. Default: 0 for directpred, 0.25 for directcopy."""
     normalize_spectrum: bool = True
-    """Closed-form predictor: divide C's eigenvalues by the largest (the release's). --no-normalize-spectrum: s_hat = s + eps,
-    the toy theory's W_P, whose Euclidean loss holds every mode's variance at 1 (the Euclidean loss needs it without EMA)."""
+    """Closed-form predictor: divide C's eigenvalues by the largest (the release's). --no-normalize-spectrum:
+    s_hat = s + eps, the toy theory's W_P, whose Euclidean loss holds every mode's variance at 1 (the Euclidean loss
+    needs it without EMA)."""
     # --- optimisation and monitoring (METHOD.md section 6) ---
     momentum: float = 0.9
     """Momentum of the optimiser."""
@@ -170,15 +178,19 @@ PRESETS = {
                            Args(name="byol-isoloss-directcopy", predictor="directcopy", isoloss=True)),
     "linear": ("Learnable linear predictor; logs the eigenvector alignment of W with C (Fig. 4).",
                Args(name="byol-linear", predictor="linear")),
-    "cpu-demo": ("Laptop trial on scikit-learn's digits (IsoLoss, a quarter width, 16-pixel crops): minutes on 2 CPU cores.",
+    "cpu-demo": ("Laptop trial on scikit-learn's digits (IsoLoss, a quarter width, 16-pixel crops): "
+                 "minutes on 2 CPU cores.",
                  Args(name="byol-cpu-demo", predictor="directpred", isoloss=True, dataset="digits", crop=16,
-                      width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20, warmup_epochs=1,
+                      width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20,
+                      warmup_epochs=1,
                       num_workers=0, augment_on="device", eval_every=2, log_every=10, lr=2.0)),
-    "laptop": ("Long laptop run on Fashion-MNIST (IsoLoss, a quarter width, 16-pixel crops, 2,400 steps): the regime of the "
-               "paper's Figs. 3, 7 and 8 (paper_figures.py runs the sets); the paper's optimiser settings.",
-               Args(name="byol-laptop", predictor="directpred", isoloss=True, dataset="fashionmnist", crop=16, min_scale=0.2,
-                    width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=24, steps_per_epoch=100,
-                    warmup_epochs=2, num_workers=0, augment_on="device", eval_every=4, log_every=100)),
+    "laptop": ("Long laptop run on Fashion-MNIST (IsoLoss, a quarter width, 16-pixel crops, 2,400 steps): "
+               "the regime of the paper's Figs. 3, 7 and 8 (paper_figures.py runs the sets); "
+               "the paper's optimiser settings.",
+               Args(name="byol-laptop", predictor="directpred", isoloss=True, dataset="fashionmnist", crop=16,
+                    min_scale=0.2, width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64,
+                    epochs=24, steps_per_epoch=100, warmup_epochs=2, num_workers=0, augment_on="device",
+                    eval_every=4, log_every=100)),
 }
 # --- END METHOD ---
 
@@ -197,14 +209,17 @@ def check_args(args: Args, world: int) -> None:
         ((args.alpha is not None and args.alpha <= 0) or (args.eps is not None and args.eps < 0),
          f"--alpha must be > 0 and --eps >= 0, got {args.alpha}, {args.eps}"),
         (not 0 <= args.tau_c < 1, f"--tau-c must be in [0, 1), got {args.tau_c}"),
-        (args.batch_size < 2 * world, f"--batch-size {args.batch_size} leaves fewer than 2 samples per rank; BatchNorm needs 2"),
+        (args.batch_size < 2 * world,
+         f"--batch-size {args.batch_size} leaves fewer than 2 samples per rank; BatchNorm needs 2"),
         (args.batch_size % world != 0, f"--batch-size {args.batch_size} does not split evenly over {world} ranks"),
         (args.crop is not None and args.crop < 8, f"--crop {args.crop} is too small for a ResNet-18 (use 8 or more)"),
         (not 0 < args.min_scale <= 1, f"--min-scale must be in (0, 1], got {args.min_scale}"),
-        (args.overwrite and args.allow_changes, "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
+        (args.overwrite and args.allow_changes,
+         "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
         (args.augment_on == "device" and args.dataset == "imagefolder",
          "--augment-on device needs images of one size (not imagefolder); use --augment-on loader"),
-        (args.amp == "fp16" and common.pick_device(args.device).type == "cpu", "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
+        (args.amp == "fp16" and common.pick_device(args.device).type == "cpu",
+         "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
         # --- METHOD (BYOL): checks of the method ---
         (not (0 <= args.tau_base <= args.tau_final <= 1), "EMA momentum needs 0 <= --tau-base <= --tau-final <= 1"),
         # --- END METHOD ---
@@ -215,7 +230,8 @@ def check_args(args: Args, world: int) -> None:
                     eval_every=args.eval_every)
     problems += [(v <= 0, f"--{k.replace('_', '-')} must be > 0, got {v}") for k, v in positive.items()]
     problems += [(v < 0, f"--{k.replace('_', '-')} must be >= 0, got {v}") for k, v in dict(
-        num_workers=args.num_workers or 0, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
+        num_workers=args.num_workers or 0, save_every=args.save_every, warmup_epochs=args.warmup_epochs,
+        knn_k=args.knn_k).items()]
     for bad, message in problems:
         if bad:
             common.die(message)
@@ -233,10 +249,11 @@ class Learner(nn.Module):
         super().__init__()
         self.args = args
         self.backbone = common.resnet18(args.width, small_stem)
-        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden),
-                                       nn.ReLU(inplace=True), nn.Linear(args.proj_hidden, args.proj_dim))
-        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps,
-                                               args.normalize_spectrum)
+        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden),
+                                       nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(args.proj_hidden, args.proj_dim))
+        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c,
+                                               args.alpha, args.eps, args.normalize_spectrum)
         self.closed_form = isinstance(self.predictor, common.ClosedFormPredictor)
         # --- METHOD (BYOL): the target network ---
         # A copy of backbone + projector that gets no gradient: ema_update moves it towards the online one.
@@ -349,7 +366,8 @@ def ema_update(target: nn.Sequential, online_params, tau: float) -> None:
 
 
 def train_step(model, learner: Learner, optimizer, scaler, x1, x2, y, autocast, tau: float):
-    """Both views forward, backward, one optimiser step (network and readout), then the EMA target follows the online network.
+    """Both views forward, backward, one optimiser step (network and readout), then the EMA target follows the online
+    network.
     Returns the model's outputs (loss, ssl, plain cosine, readout, std); no host synchronisation."""
     with autocast():
         loss, ssl, plain, ce, std = model(x1, x2, y)
@@ -381,7 +399,8 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
                 rows.append((f, learner.projector(f).float(), learner.readout(f).float(), y.to(device)))
         return [R.gather(torch.cat(column)) for column in zip(*rows)]
     f, z, logits, y = outputs(test_loader)
-    (top1, top5), cov_f, cov_z, zd = common.topk_accuracy(logits, y), common.centred_spectrum(f), common.centred_spectrum(z), z.double()
+    (top1, top5), cov_f, cov_z, zd = (common.topk_accuracy(logits, y), common.centred_spectrum(f),
+                                      common.centred_spectrum(z), z.double())
     out = dict(online_readout_top1=100 * top1, online_readout_top5=100 * top5, knn_top1=None,
                erank_f=common.effective_rank(cov_f), erank_z=common.effective_rank(cov_z),
                mean_share_z=float(zd.mean(0).square().sum() / zd.square().sum(1).mean()),
@@ -425,7 +444,8 @@ def train(args: Args) -> Learner:
     if main_rank and world > 1:
         dist.barrier()
     if args.dataset != "imagefolder" and crop > min(size := base[0][0].size):
-        common.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; use --crop {min(size)} or less")
+        common.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; "
+                   f"use --crop {min(size)} or less")
     steps_per_epoch = min(len(base) // args.batch_size, args.steps_per_epoch or sys.maxsize)
     if steps_per_epoch < 1:
         common.die(f"--batch-size {args.batch_size} is larger than the {len(base)} training images of {args.dataset}")
@@ -451,7 +471,8 @@ def train(args: Args) -> Learner:
         step, low_std_epochs, elapsed = ckpt["step"], ckpt["low_std_epochs"], ckpt["elapsed"]
         sums.copy_(ckpt["epoch_sums"])
         diff = R.settings_diff(ckpt["args"], settings)
-        say(f"resuming {out / 'last.pt'} at step {step}" + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
+        say(f"resuming {out / 'last.pt'} at step {step}"
+            + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
     if main_rank:  # every check has passed: from here on the run directory is written (by rank 0 only)
         R.start(out, settings, step)
 
@@ -461,7 +482,8 @@ def train(args: Args) -> Learner:
         # and the running statistics are averaged over the ranks at the end of each epoch. No buffer
         # broadcast: C is all-reduced in the step, and rank 0's copy would hide a rank that drifted.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(learner) if cuda else learner
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                    broadcast_buffers=False)
     model = torch.compile(model) if args.compile else model
 
     # The loaders are made once; the training loader's worker processes (if any) live across epochs.
@@ -472,8 +494,9 @@ def train(args: Args) -> Learner:
     if augment_on == "device":
         images, labels = (t.to(device) for t in D.images_as_tensor(base))
     bank = torch.randperm(len(bank_set or ()), generator=torch.Generator().manual_seed(0))[:10_000].sort().values
-    test_loader, bank_loader = (None if ds is None else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
-                                workers, cuda, batch_size=max(2, args.batch_size // world))
+    test_loader, bank_loader = (None if ds is None
+                                else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
+                                              workers, cuda, batch_size=max(2, args.batch_size // world))
                                 for ds, index in ((test_set, torch.arange(len(test_set))), (bank_set, bank)))
     if (len(test_set) + len(bank)) * 12 * crop**2 < 2**28:  # the clean views never change: under 256 MB, read them once
         test_loader, bank_loader = (loader and list(loader) for loader in (test_loader, bank_loader))
@@ -538,7 +561,8 @@ def train(args: Args) -> Learner:
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else {}
         record = R.epoch_record(learner, epoch + 1, step, sums, steps_per_epoch, health, lr=lr, tau=tau,
                                 images_per_s=(step - epoch_start_step) * args.batch_size / seconds, train_s=seconds,
-                                epoch_s=time.perf_counter() - t_epoch, wall_time_s=elapsed + time.perf_counter() - t_start)
+                                epoch_s=time.perf_counter() - t_epoch,
+                                wall_time_s=elapsed + time.perf_counter() - t_start)
         healthy = 1 / math.sqrt(args.proj_dim)
         low_std_epochs = low_std_epochs + 1 if record["std_normalized_z"] < args.collapse_ratio * healthy else 0
         record["collapse_warning"] = low_std_epochs >= args.collapse_epochs
@@ -552,8 +576,9 @@ def train(args: Args) -> Learner:
         save(step)
 
     if main_rank:
-        R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem, out_dim=learner.backbone.out_dim,
-                          dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD, step=step, name=args.name)
+        R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem,
+                          out_dim=learner.backbone.out_dim, dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD,
+                          step=step, name=args.name)
     R.finish(train_loader)
     return learner
 
@@ -565,7 +590,8 @@ def parse(argv=None) -> Args:
     if name not in PRESETS:
         common.die(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}, or none for {next(iter(PRESETS))}")
     listing = "\n".join(f"  {k:<20s}{doc}" for k, (doc, _) in PRESETS.items())
-    return tyro.cli(Args, args=argv, default=PRESETS[name][1], description=f"{__doc__}\npresets (first argument):\n{listing}")
+    return tyro.cli(Args, args=argv, default=PRESETS[name][1],
+                    description=f"{__doc__}\npresets (first argument):\n{listing}")
 
 
 def main(argv=None) -> Learner:

@@ -57,9 +57,11 @@ class Args:
     # --- the run ---
     out_dir: str = ""
     """Run directory (checkpoints, metrics, figures). Default: runs/NAME-DATASET-sSEED."""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits", "fashionmnist"] = "cifar10"
-    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's;
-    fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)."""
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits",
+                     "fashionmnist"] = "cifar10"
+    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*;
+    digits: scikit-learn's; fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist
+    (apt-get install dataset-fashion-mnist)."""
     data_dir: str = "data"
     """Where the data set is (tinyimagenet, imagefolder: the folder that holds train/ and val/)."""
     download: bool = False
@@ -70,10 +72,12 @@ class Args:
     """auto (CUDA when present), cpu, cuda, cuda:1, ... Under torchrun each rank takes cuda:LOCAL_RANK."""
     num_workers: int | None = None
     """Data-loading processes per rank, alive across epochs (0: load in the main process). Default: the cores this
-    process may use (grid.py gives each run its share), shared by the ranks on this machine, less one. Results do not change."""
+    process may use (grid.py gives each run its share), shared by the ranks on this machine, less one. Results do
+    not change."""
     augment_on: Literal["auto", "loader", "device"] = "auto"
-    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions). auto: on the
-    device on CUDA for every data set held in memory (all but imagefolder: a GPU outruns the PIL workers), else the loader."""
+    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions).
+    auto: on the device on CUDA for every data set held in memory (all but imagefolder: a GPU outruns the PIL
+    workers), else the loader."""
     epochs: int = 1000
     """Training epochs."""
     batch_size: int = 256
@@ -94,7 +98,8 @@ class Args:
     """torch.compile the model (slow to start, faster per step on GPUs)."""
     # --- the networks and the views ---
     width: float = 1.0
-    """ResNet-18 width multiplier (0.25: a quarter of the channels, for CPUs). Width 1 exports a torchvision ResNet-18."""
+    """ResNet-18 width multiplier (0.25: a quarter of the channels, for CPUs). Width 1 exports a torchvision
+    ResNet-18."""
     proj_hidden: int = 4096
     """Projector hidden size: Linear(512 w, h)-BN-ReLU-Linear(h, d)."""
     proj_dim: int = 256
@@ -102,12 +107,13 @@ class Args:
     pred_hidden: int = 4096
     """MLP predictor hidden size."""
     crop: int | None = None
-    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet, imagefolder);
-    <= 32: the small (CIFAR) stem."""
+    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet,
+    imagefolder); <= 32: the small (CIFAR) stem."""
     min_scale: float = 0.08
     """Smallest area of a random resized crop, as a fraction of the image (METHOD.md 6: 0.08)."""
     blur: tuple[float, float] | None = None
-    """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0) otherwise."""
+    """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0)
+    otherwise."""
     # --- the predictor and the loss (METHOD.md sections 2-3) ---
     predictor: Literal["mlp", "linear", "directpred", "directcopy", "none"] = "mlp"
     """mlp (BYOL/SimSiam), linear (learnable W), directpred/directcopy (closed form from C), none (ablation)."""
@@ -120,8 +126,9 @@ class Args:
     eps: float | None = None
     """Closed-form predictor: s_hat = s / max(s) + eps. Default: 0 for directpred, 0.25 for directcopy."""
     normalize_spectrum: bool = True
-    """Closed-form predictor: divide C's eigenvalues by the largest (the release's). --no-normalize-spectrum: s_hat = s + eps,
-    the toy theory's W_P, whose Euclidean loss holds every mode's variance at 1 (the Euclidean loss needs it without EMA)."""
+    """Closed-form predictor: divide C's eigenvalues by the largest (the release's). --no-normalize-spectrum:
+    s_hat = s + eps, the toy theory's W_P, whose Euclidean loss holds every mode's variance at 1 (the Euclidean loss
+    needs it without EMA)."""
     # --- optimisation and monitoring (METHOD.md section 6) ---
     momentum: float = 0.9
     """Momentum of the optimiser."""
@@ -147,7 +154,8 @@ class Args:
     lr: float = 0.1
     """Base learning rate of SGD at batch 256 (scaled by batch/256)."""
     stop_grad: bool = True
-    """Stop the gradient at the targets. --no-stop-grad is the collapse ablation: the gradient flows through both branches."""
+    """Stop the gradient at the targets. --no-stop-grad is the collapse ablation: the gradient flows through both
+    branches."""
     tau_c: float = 0.5
     """Running correlation matrix C <- tau_c C + (1 - tau_c) Z^T Z / B (0.5 without an EMA target)."""
 
@@ -169,15 +177,19 @@ PRESETS = {
     "no-predictor": ("Ablation: no predictor (p = z); collapses.", Args(name="simsiam-no-predictor", predictor="none")),
     "no-stop-grad": ("Ablation: the gradient also flows through the targets; collapses.",
                      Args(name="simsiam-no-stop-grad", stop_grad=False)),
-    "cpu-demo": ("Laptop trial on scikit-learn's digits (IsoLoss, a quarter width, 16-pixel crops): minutes on 2 CPU cores.",
+    "cpu-demo": ("Laptop trial on scikit-learn's digits (IsoLoss, a quarter width, 16-pixel crops): "
+                 "minutes on 2 CPU cores.",
                  Args(name="simsiam-cpu-demo", predictor="directpred", isoloss=True, dataset="digits", crop=16,
-                      width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20, warmup_epochs=1,
+                      width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20,
+                      warmup_epochs=1,
                       num_workers=0, augment_on="device", eval_every=2, log_every=10)),
-    "laptop": ("Long laptop run on Fashion-MNIST (IsoLoss, a quarter width, 16-pixel crops, 2,400 steps): the regime of the "
-               "paper's Figs. 3, 7 and 8 (paper_figures.py runs the sets); the paper's optimiser settings.",
-               Args(name="simsiam-laptop", predictor="directpred", isoloss=True, dataset="fashionmnist", crop=16, min_scale=0.2,
-                    width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=24, steps_per_epoch=100,
-                    warmup_epochs=2, num_workers=0, augment_on="device", eval_every=4, log_every=100)),
+    "laptop": ("Long laptop run on Fashion-MNIST (IsoLoss, a quarter width, 16-pixel crops, 2,400 steps): "
+               "the regime of the paper's Figs. 3, 7 and 8 (paper_figures.py runs the sets); "
+               "the paper's optimiser settings.",
+               Args(name="simsiam-laptop", predictor="directpred", isoloss=True, dataset="fashionmnist", crop=16,
+                    min_scale=0.2, width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64,
+                    epochs=24, steps_per_epoch=100, warmup_epochs=2, num_workers=0, augment_on="device",
+                    eval_every=4, log_every=100)),
 }
 # --- END METHOD ---
 
@@ -196,16 +208,20 @@ def check_args(args: Args, world: int) -> None:
         ((args.alpha is not None and args.alpha <= 0) or (args.eps is not None and args.eps < 0),
          f"--alpha must be > 0 and --eps >= 0, got {args.alpha}, {args.eps}"),
         (not 0 <= args.tau_c < 1, f"--tau-c must be in [0, 1), got {args.tau_c}"),
-        (args.batch_size < 2 * world, f"--batch-size {args.batch_size} leaves fewer than 2 samples per rank; BatchNorm needs 2"),
+        (args.batch_size < 2 * world,
+         f"--batch-size {args.batch_size} leaves fewer than 2 samples per rank; BatchNorm needs 2"),
         (args.batch_size % world != 0, f"--batch-size {args.batch_size} does not split evenly over {world} ranks"),
         (args.crop is not None and args.crop < 8, f"--crop {args.crop} is too small for a ResNet-18 (use 8 or more)"),
         (not 0 < args.min_scale <= 1, f"--min-scale must be in (0, 1], got {args.min_scale}"),
-        (args.overwrite and args.allow_changes, "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
+        (args.overwrite and args.allow_changes,
+         "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
         (args.augment_on == "device" and args.dataset == "imagefolder",
          "--augment-on device needs images of one size (not imagefolder); use --augment-on loader"),
-        (args.amp == "fp16" and common.pick_device(args.device).type == "cpu", "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
+        (args.amp == "fp16" and common.pick_device(args.device).type == "cpu",
+         "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
         # --- METHOD (SimSiam): checks of the method ---
-        (args.isoloss and not args.stop_grad, "--isoloss is built from stop-gradients; it cannot run with --no-stop-grad"),
+        (args.isoloss and not args.stop_grad,
+         "--isoloss is built from stop-gradients; it cannot run with --no-stop-grad"),
         (args.loss == "euclidean" and closed and args.normalize_spectrum,
          "the Euclidean loss without an EMA target and with W_P from s / max(s) cannot train: nothing holds the scale "
          "of z, and every such run has ended on NaN (METHOD.md 6); add --no-normalize-spectrum (W_P from s itself)"),
@@ -217,7 +233,8 @@ def check_args(args: Args, world: int) -> None:
                     eval_every=args.eval_every)
     problems += [(v <= 0, f"--{k.replace('_', '-')} must be > 0, got {v}") for k, v in positive.items()]
     problems += [(v < 0, f"--{k.replace('_', '-')} must be >= 0, got {v}") for k, v in dict(
-        num_workers=args.num_workers or 0, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
+        num_workers=args.num_workers or 0, save_every=args.save_every, warmup_epochs=args.warmup_epochs,
+        knn_k=args.knn_k).items()]
     for bad, message in problems:
         if bad:
             common.die(message)
@@ -235,10 +252,11 @@ class Learner(nn.Module):
         super().__init__()
         self.args = args
         self.backbone = common.resnet18(args.width, small_stem)
-        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden),
-                                       nn.ReLU(inplace=True), nn.Linear(args.proj_hidden, args.proj_dim))
-        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps,
-                                               args.normalize_spectrum)
+        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden),
+                                       nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(args.proj_hidden, args.proj_dim))
+        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c,
+                                               args.alpha, args.eps, args.normalize_spectrum)
         self.closed_form = isinstance(self.predictor, common.ClosedFormPredictor)
         # --- METHOD (SimSiam): the target network ---
         # None: the targets are the online network's own outputs (see forward).
@@ -302,7 +320,8 @@ def make_optimizer(args: Args, learner: Learner) -> torch.optim.SGD:
     """Momentum SGD, in the release's groups: weight decay on every parameter of the network, biases and norm
     layers included (its SGD configs exclude none); the online readout without decay, at its own learning rate."""
     net = [*learner.online_parameters(), *learner.predictor.parameters()]
-    groups = [dict(params=net, name="ssl"), dict(params=[*learner.readout.parameters()], name="readout", weight_decay=0.0)]
+    groups = [dict(params=net, name="ssl"),
+              dict(params=[*learner.readout.parameters()], name="readout", weight_decay=0.0)]
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
@@ -338,7 +357,8 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
                 rows.append((f, learner.projector(f).float(), learner.readout(f).float(), y.to(device)))
         return [R.gather(torch.cat(column)) for column in zip(*rows)]
     f, z, logits, y = outputs(test_loader)
-    (top1, top5), cov_f, cov_z, zd = common.topk_accuracy(logits, y), common.centred_spectrum(f), common.centred_spectrum(z), z.double()
+    (top1, top5), cov_f, cov_z, zd = (common.topk_accuracy(logits, y), common.centred_spectrum(f),
+                                      common.centred_spectrum(z), z.double())
     out = dict(online_readout_top1=100 * top1, online_readout_top5=100 * top5, knn_top1=None,
                erank_f=common.effective_rank(cov_f), erank_z=common.effective_rank(cov_z),
                mean_share_z=float(zd.mean(0).square().sum() / zd.square().sum(1).mean()),
@@ -382,7 +402,8 @@ def train(args: Args) -> Learner:
     if main_rank and world > 1:
         dist.barrier()
     if args.dataset != "imagefolder" and crop > min(size := base[0][0].size):
-        common.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; use --crop {min(size)} or less")
+        common.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; "
+                   f"use --crop {min(size)} or less")
     steps_per_epoch = min(len(base) // args.batch_size, args.steps_per_epoch or sys.maxsize)
     if steps_per_epoch < 1:
         common.die(f"--batch-size {args.batch_size} is larger than the {len(base)} training images of {args.dataset}")
@@ -408,7 +429,8 @@ def train(args: Args) -> Learner:
         step, low_std_epochs, elapsed = ckpt["step"], ckpt["low_std_epochs"], ckpt["elapsed"]
         sums.copy_(ckpt["epoch_sums"])
         diff = R.settings_diff(ckpt["args"], settings)
-        say(f"resuming {out / 'last.pt'} at step {step}" + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
+        say(f"resuming {out / 'last.pt'} at step {step}"
+            + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
     if main_rank:  # every check has passed: from here on the run directory is written (by rank 0 only)
         R.start(out, settings, step)
 
@@ -418,7 +440,8 @@ def train(args: Args) -> Learner:
         # and the running statistics are averaged over the ranks at the end of each epoch. No buffer
         # broadcast: C is all-reduced in the step, and rank 0's copy would hide a rank that drifted.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(learner) if cuda else learner
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                    broadcast_buffers=False)
     model = torch.compile(model) if args.compile else model
 
     # The loaders are made once; the training loader's worker processes (if any) live across epochs.
@@ -429,8 +452,9 @@ def train(args: Args) -> Learner:
     if augment_on == "device":
         images, labels = (t.to(device) for t in D.images_as_tensor(base))
     bank = torch.randperm(len(bank_set or ()), generator=torch.Generator().manual_seed(0))[:10_000].sort().values
-    test_loader, bank_loader = (None if ds is None else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
-                                workers, cuda, batch_size=max(2, args.batch_size // world))
+    test_loader, bank_loader = (None if ds is None
+                                else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
+                                              workers, cuda, batch_size=max(2, args.batch_size // world))
                                 for ds, index in ((test_set, torch.arange(len(test_set))), (bank_set, bank)))
     if (len(test_set) + len(bank)) * 12 * crop**2 < 2**28:  # the clean views never change: under 256 MB, read them once
         test_loader, bank_loader = (loader and list(loader) for loader in (test_loader, bank_loader))
@@ -494,7 +518,8 @@ def train(args: Args) -> Learner:
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else {}
         record = R.epoch_record(learner, epoch + 1, step, sums, steps_per_epoch, health, lr=lr, tau=tau,
                                 images_per_s=(step - epoch_start_step) * args.batch_size / seconds, train_s=seconds,
-                                epoch_s=time.perf_counter() - t_epoch, wall_time_s=elapsed + time.perf_counter() - t_start)
+                                epoch_s=time.perf_counter() - t_epoch,
+                                wall_time_s=elapsed + time.perf_counter() - t_start)
         healthy = 1 / math.sqrt(args.proj_dim)
         low_std_epochs = low_std_epochs + 1 if record["std_normalized_z"] < args.collapse_ratio * healthy else 0
         record["collapse_warning"] = low_std_epochs >= args.collapse_epochs
@@ -508,8 +533,9 @@ def train(args: Args) -> Learner:
         save(step)
 
     if main_rank:
-        R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem, out_dim=learner.backbone.out_dim,
-                          dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD, step=step, name=args.name)
+        R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem,
+                          out_dim=learner.backbone.out_dim, dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD,
+                          step=step, name=args.name)
     R.finish(train_loader)
     return learner
 
@@ -521,7 +547,8 @@ def parse(argv=None) -> Args:
     if name not in PRESETS:
         common.die(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}, or none for {next(iter(PRESETS))}")
     listing = "\n".join(f"  {k:<20s}{doc}" for k, (doc, _) in PRESETS.items())
-    return tyro.cli(Args, args=argv, default=PRESETS[name][1], description=f"{__doc__}\npresets (first argument):\n{listing}")
+    return tyro.cli(Args, args=argv, default=PRESETS[name][1],
+                    description=f"{__doc__}\npresets (first argument):\n{listing}")
 
 
 def main(argv=None) -> Learner:

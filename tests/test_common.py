@@ -217,7 +217,8 @@ def test_two_process_gloo_ranks_hold_the_same_C(tmp_path):
     # ... and that C is the one of the averaged batch terms.
     expect = torch.zeros(5, 5, dtype=torch.float64)
     for step in range(3):
-        zs = [torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * r + step)).double() for r in (0, 1)]
+        zs = [torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * r + step)).double()
+              for r in (0, 1)]
         expect = 0.5 * expect + 0.5 * sum(z.T @ z / 7 for z in zs) / 2
     torch.testing.assert_close(r0["C"], expect)
 
@@ -241,10 +242,12 @@ def test_health_metrics_tell_a_collapsed_representation_from_a_spread_one():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(2000, 16, generator=g) + 30  # a large shared mean, variance in every direction
     collapsed = torch.randn(2000, 1, generator=g) * torch.randn(1, 16, generator=g) + 30  # one direction only
-    assert common.effective_rank(common.centred_spectrum(spread)) > 15 and common.effective_rank(common.centred_spectrum(collapsed)) < 1.5
+    assert (common.effective_rank(common.centred_spectrum(spread)) > 15
+            and common.effective_rank(common.centred_spectrum(collapsed)) < 1.5)
     # the uncentred second moment cannot tell them apart: the mean dominates both
     assert common.participation_ratio(torch.linalg.eigvalsh(spread.T @ spread)) < 1.1
-    torch.testing.assert_close(common.centred_spectrum(spread), torch.linalg.eigvalsh(torch.cov(spread.T.double())).clamp_min(0))
+    torch.testing.assert_close(common.centred_spectrum(spread),
+                               torch.linalg.eigvalsh(torch.cov(spread.T.double())).clamp_min(0))
     assert common.effective_rank(torch.tensor([4.0, 4.0, 0.0])) == pytest.approx(2.0, rel=1e-6)
     y = torch.arange(4).repeat(50)
     bank = F.one_hot(y, 4).double() + 0.01 * torch.randn(200, 4, generator=g)
@@ -343,5 +346,6 @@ def test_the_probe_monitor_reads_features_that_a_large_shared_mean_hides_from_co
     probe = common.topk_accuracy(common.probe_scores(xb, yb, xt, 2), yt, ks=(1,))[0]
     knn = common.topk_accuracy(common.knn_scores(xb, yb, xt, 2, k=20), yt, ks=(1,))[0]
     assert probe == 1.0 and knn < 0.9
-    flat = common.probe_scores(torch.ones(10, 4), torch.arange(10) % 2, torch.ones(3, 4), 2)  # no spread at all: defined
+    # no spread at all: defined
+    flat = common.probe_scores(torch.ones(10, 4), torch.arange(10) % 2, torch.ones(3, 4), 2)
     assert torch.isfinite(flat).all()

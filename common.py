@@ -11,6 +11,7 @@ non-contrastive SSL", NeurIPS 2023) and to METHOD.md (the equations, numbered by
   participation_ratio, normalized_std, eigenvector_alignment, centred_spectrum, effective_rank,
   mode_gradients, knn_scores, topk_accuracy  what the runs log (section 6), how collapse is told from health
   resnet18                            the backbone, with torchvision's parameter names
+  LARS                                the optimiser of the runs with an EMA target (section 6), as the release's
   pick_device, cpu_info, atomic_save, load_checkpoint, Progress, die: plumbing every script needs
 
 Conventions: a batch is (B, d); every loss is a per-sample loss averaged over the batch; the
@@ -360,6 +361,36 @@ def resnet18(width: float = 1.0, small_stem: bool = True) -> ResNet18:
 def uses_small_stem(crop: int) -> bool:
     """The release uses its small stem for CIFAR's 32 pixels only; TinyImageNet's 64 keep torchvision's."""
     return crop <= 32
+
+
+# --- The optimiser of the runs with an EMA target (METHOD.md section 6) ---------------------------
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017), the optimiser of the runs with an EMA target: the release trains BYOL, DirectPred,
+    DirectCopy and IsoLoss with the EMA target by it (train_byol.py's make_optimizer builds its groups; the runs
+    without a target use plain momentum SGD). METHOD.md section 6.
+
+    Momentum SGD whose step for each weight tensor is scaled by the trust ratio eta |w| / (|g| + wd |w| + 1e-8),
+    clipped so that the adapted rate never exceeds the global one; where |w| or |g| is zero, the plain gradient
+    (no decay), as in the release. Groups with lars=False (biases, norm layers) get plain momentum SGD."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                g, wd = p.grad, group["weight_decay"]
+                if group["lars"]:
+                    w_norm, g_norm = p.norm(), g.norm()
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
+                    # torch.where instead of an `if` on the norms: no host synchronisation.
+                    g = torch.where((w_norm > 0) & (g_norm > 0), (g + wd * p) * (trust / group["lr"]).clamp(max=1.0), g)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
 
 
 # --- Plumbing --------------------------------------------------------------------------------

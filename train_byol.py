@@ -316,31 +316,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start: fl
 
 
 # --- METHOD (BYOL): optimiser and the step ---
-class LARS(torch.optim.Optimizer):
-    """Momentum SGD whose step for each weight tensor is scaled by the trust ratio eta |w| / (|g| + wd |w| + 1e-8)
-    (You et al. 2017), clipped so that the adapted rate never exceeds the global one; where |w| or |g| is zero,
-    the plain gradient (no decay), as in the release. Groups with lars=False (biases, norm layers) get plain
-    momentum SGD."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in (p for p in group["params"] if p.grad is not None):
-                g, wd = p.grad, group["weight_decay"]
-                if group["lars"]:
-                    w_norm, g_norm = p.norm(), g.norm()
-                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
-                    # torch.where instead of an `if` on the norms: no host synchronisation.
-                    g = torch.where((w_norm > 0) & (g_norm > 0), (g + wd * p) * (trust / group["lr"]).clamp(max=1.0), g)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
-
-
-def make_optimizer(args: Args, learner: Learner) -> LARS:
+def make_optimizer(args: Args, learner: Learner) -> common.LARS:
     """LARS, in the release's groups: the network (backbone, projector, a learnable predictor) with weight
     decay, its biases and norm layers (1-d) with neither decay nor LARS adaptation; the online readout
     without decay (its weight adapted by LARS, its bias not), at its own learning rate (see `peaks`)."""
@@ -349,7 +325,7 @@ def make_optimizer(args: Args, learner: Learner) -> LARS:
               dict(params=[p for p in net if p.ndim <= 1], name="ssl", weight_decay=0.0, lars=False),
               dict(params=[p for p in readout if p.ndim > 1], name="readout", weight_decay=0.0),
               dict(params=[p for p in readout if p.ndim <= 1], name="readout", weight_decay=0.0, lars=False)]
-    return LARS(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, eta=args.lars_eta)
+    return common.LARS(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, eta=args.lars_eta)
 
 
 def tau_at(step: int, total_steps: int, base: float, final: float) -> float:

@@ -156,7 +156,7 @@ def test_presets_hold_the_papers_settings():
             learner = module.Learner(dataclasses.replace(a, **TINY), 2, True)
             assert hasattr(learner, "target") is ema, name
             optimizer = module.make_optimizer(a, learner)
-            assert isinstance(optimizer, B.LARS if ema else torch.optim.SGD), name
+            assert isinstance(optimizer, common.LARS if ema else torch.optim.SGD), name
             if name in ("cpu-demo", "laptop"):  # laptop scale; the long laptop runs keep the paper's optimiser
                 if name == "laptop":
                     assert (a.lr, a.weight_decay, a.tau_c, a.momentum) == ((1.0, 1e-5, 0.998, 0.9) if ema
@@ -302,8 +302,8 @@ def test_lars_matches_the_releases_update():
     w, still, fresh, b = (nn.Parameter(t)
                           for t in (torch.randn(4, 3), torch.randn(5, 2), torch.zeros(2, 2), torch.randn(3)))
     g = {w: torch.randn(4, 3), still: torch.zeros(5, 2), fresh: torch.randn(2, 2), b: torch.randn(3)}
-    opt = B.LARS([dict(params=[w, still, fresh]), dict(params=[b], weight_decay=0.0, lars=False)], lr=0.5, momentum=0.9,
-                 weight_decay=1e-2, eta=0.02)
+    opt = common.LARS([dict(params=[w, still, fresh]), dict(params=[b], weight_decay=0.0, lars=False)], lr=0.5,
+                      momentum=0.9, weight_decay=1e-2, eta=0.02)
     before = {p: p.detach().clone() for p in g}
     for p, grad in g.items():
         p.grad = grad.clone()

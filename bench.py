@@ -179,7 +179,7 @@ def bench_predictor(args: Args, step_s: float | None) -> dict:
     torch.manual_seed(0)
     d, B = 256, 256
     z1, z2 = torch.randn(B, d, device=DEVICE), torch.randn(B, d, device=DEVICE)
-    pred = common.ClosedFormPredictor(d, **common.CLOSED_FORM["directpred"], tau=0.998).to(DEVICE)
+    pred = common.ClosedFormPredictor(d, **common.CLOSED_FORM["directpred"], decay=0.998).to(DEVICE)
 
     def ours():
         for z in (z1, z2):  # the training step's order: C takes each view, then predicts it

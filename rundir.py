@@ -211,13 +211,15 @@ def average_batchnorm_statistics(model: nn.Module) -> None:
 # --- Metrics and figures ----------------------------------------------------------------------
 
 
-def epoch_record(learner: nn.Module, epoch: int, step: int, sums: torch.Tensor, n_steps: int, health: dict,
+def epoch_record(learner: nn.Module, epoch: int, step: int, epoch_sums: torch.Tensor, n_steps: int, health: dict,
                  **extra) -> dict:
     """One line of metrics.jsonl: the losses and std_normalized_z (training batches) as means over the epoch's
-    steps and ranks, `evaluate`'s numbers, and the eigenvalues (ascending) of the running uncentred C."""
-    ssl, plain, ce, std = (sums / max(n_steps, 1)).tolist()
+    steps and ranks, `evaluate`'s numbers, and the eigenvalues (ascending) of the running uncentred C.
+    epoch_sums holds the sums over the epoch's n_steps steps, by position: the SSL loss, the cosine loss, the
+    readout loss and the std of l2-normalised z (the training scripts' epoch_sums)."""
+    ssl, cosine, ce, std = (epoch_sums / max(n_steps, 1)).tolist()
     s = torch.linalg.eigvalsh(learner.correlation())
-    record = dict(epoch=epoch, step=step, loss=ssl, cosine_loss=plain, readout_loss=ce, std_normalized_z=std, **health,
+    record = dict(epoch=epoch, step=step, loss=ssl, cosine_loss=cosine, readout_loss=ce, std_normalized_z=std, **health,
                   eigenvalues=s.tolist(), participation_ratio=common.participation_ratio(s), **extra)
     if learner.closed_form:  # how many directions W_P = U diag(s_hat^alpha) U^T lets through, and the gradients
         record["erank_predictor"] = common.effective_rank(torch.linalg.eigvalsh(learner.predictor.W).square())

@@ -242,7 +242,7 @@ def check_args(args: Args, world: int) -> None:
 
 class Learner(nn.Module):
     """Everything that trains, in one module so that DDP sees it whole. forward(x1, x2, y) returns
-    (loss to minimise, SSL loss, plain cosine loss, readout loss, std of l2-normalised z), all but the
+    (loss to minimise, SSL loss, cosine loss, readout loss, std of l2-normalised z), all but the
     first detached. The targets are made where the stop-gradient is visible."""
 
     def __init__(self, args: Args, n_classes: int, small_stem: bool):
@@ -270,9 +270,10 @@ class Learner(nn.Module):
     def online_parameters(self):
         return [*self.backbone.parameters(), *self.projector.parameters()]
 
-    def observe(self, z: torch.Tensor) -> None:
-        """C takes one view's batch term, C <- tau_c C + (1 - tau_c) Z^T Z / B; for a closed-form
-        predictor this also recomputes W_P from the new C, for the others C is only logged."""
+    def update_correlation(self, z: torch.Tensor) -> None:
+        """Fold one view's batch into the running correlation matrix, C <- tau_c C + (1 - tau_c) Z^T Z / B, and,
+        for a closed-form predictor, recompute W_P from the new C (ClosedFormPredictor.update); for the other
+        predictors C is only logged."""
         if self.closed_form:
             self.predictor.update(z)
         else:
@@ -280,28 +281,30 @@ class Learner(nn.Module):
 
     def forward(self, x1, x2, y):
         f1, f2 = self.backbone(x1), self.backbone(x2)
-        z1, z2 = common.widen(self.projector(f1)), common.widen(self.projector(f2))
+        z1, z2 = common.at_least_float32(self.projector(f1)), common.at_least_float32(self.projector(f2))
         # --- METHOD (BYOL): the targets ---
         with torch.no_grad():  # the stop-gradient: targets from the EMA network
-            t1, t2 = common.widen(self.target(x1)), common.widen(self.target(x2))
+            t1, t2 = common.at_least_float32(self.target(x1)), common.at_least_float32(self.target(x2))
         stop_grad = True
         # --- END METHOD ---
-        ssl = plain = 0.0
+        ssl = cosine = 0.0
         # The loss in float32 even under autocast: W_P z and the norms need the precision.
         with torch.autocast(x1.device.type, enabled=False):
             # View by view, as in the authors' release: C takes view 1's batch term and p1 = W_P z1 is predicted
             # with the W_P that includes it (toward t2); then the same for view 2 (toward t1). Orders summed.
             for z, t in ((z1, t2), (z2, t1)):
-                self.observe(z)
-                value, cosine = common.pair_loss(self.args.loss, self.args.isoloss, self.predictor, z, t, stop_grad)
-                ssl, plain = ssl + value, plain + cosine
+                self.update_correlation(z)
+                value, pair_cosine = common.pair_loss(self.args.loss, self.args.isoloss, self.predictor, z, t,
+                                                      stop_grad)
+                ssl, cosine = ssl + value, cosine + pair_cosine
             self.last_pair = z2.detach(), t1.detach()  # the pair of the W_P held now: the epoch's gradient diagnostics
             # The readout sees detached features of both views (the release's): it measures the representation,
             # never shapes it. STL-10's unlabeled images have label -1 and do not count.
             labelled = 2 * (y >= 0).sum().clamp_min(1)
-            ce = sum(F.cross_entropy(self.readout(common.widen(f.detach())), y, ignore_index=-1, reduction="sum")
+            ce = sum(F.cross_entropy(self.readout(common.at_least_float32(f.detach())), y, ignore_index=-1,
+                                     reduction="sum")
                      for f in (f1, f2)) / labelled
-        return ssl + ce, ssl.detach(), plain, ce.detach(), common.normalized_std(torch.cat([z1, z2]))
+        return ssl + ce, ssl.detach(), cosine, ce.detach(), common.normalized_std(torch.cat([z1, z2]))
 
 
 # --- Optimiser and schedules (plain functions of the step), and the step -------------------------
@@ -344,15 +347,15 @@ def ema_update(target: nn.Sequential, online_params, tau: float) -> None:
 def train_step(model, learner: Learner, optimizer, scaler, x1, x2, y, autocast, tau: float):
     """Both views forward, backward, one optimiser step (network and readout), then the EMA target follows the online
     network.
-    Returns the model's outputs (loss, ssl, plain cosine, readout, std); no host synchronisation."""
+    Returns the model's outputs (loss, SSL loss, cosine loss, readout loss, std); no host synchronisation."""
     with autocast():
-        loss, ssl, plain, ce, std = model(x1, x2, y)
+        loss, ssl, cosine, ce, std = model(x1, x2, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     ema_update(learner.target, learner.online_parameters(), tau)
-    return loss, ssl, plain, ce, std
+    return loss, ssl, cosine, ce, std
 # --- END METHOD ---
 
 
@@ -441,11 +444,13 @@ def train(args: Args) -> Learner:
     optimizer = make_optimizer(args, learner)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     parts = dict(model=learner, optimizer=optimizer, scaler=scaler)
-    step, sums, low_std_epochs, elapsed = 0, torch.zeros(4, dtype=torch.float64, device=device), 0, 0.0
+    # epoch_sums: the sums over this epoch's steps of, in this order, the SSL loss, the cosine loss, the readout loss
+    # and the std of l2-normalised z (rundir.epoch_record reads them by position; last.pt keeps them).
+    step, epoch_sums, low_std_epochs, elapsed = 0, torch.zeros(4, dtype=torch.float64, device=device), 0, 0.0
     if ckpt is not None:
         R.restore(ckpt, parts, out)
         step, low_std_epochs, elapsed = ckpt["step"], ckpt["low_std_epochs"], ckpt["elapsed"]
-        sums.copy_(ckpt["epoch_sums"])
+        epoch_sums.copy_(ckpt["epoch_sums"])
         diff = R.settings_diff(ckpt["args"], settings)
         say(f"resuming {out / 'last.pt'} at step {step}"
             + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
@@ -482,11 +487,11 @@ def train(args: Args) -> Learner:
     def save(at_step: int) -> None:
         """last.pt, after checking that nothing in it is NaN (the previous one stays otherwise)."""
         R.check_finite(bad_step, learner, at_step, out)
-        if world > 1:  # rank 0 saves, so the epoch sums it holds must be everyone's
-            dist.all_reduce(sums)
-            sums.div_(world)
+        if world > 1:  # rank 0 saves, so the epoch's sums it holds must be everyone's
+            dist.all_reduce(epoch_sums)
+            epoch_sums.div_(world)
         if main_rank:
-            R.save(out, settings, at_step, parts, epoch_sums=sums.cpu(), low_std_epochs=low_std_epochs,
+            R.save(out, settings, at_step, parts, epoch_sums=epoch_sums.cpu(), low_std_epochs=low_std_epochs,
                    elapsed=elapsed + time.perf_counter() - t_start)
 
     say(f"{args.name}: {args.dataset} ({len(base)} images, crop {crop}), {world} x {device}, amp {amp_dtype}, "
@@ -510,14 +515,14 @@ def train(args: Args) -> Learner:
             try:
                 # --- METHOD (BYOL): the step ---
                 tau = tau_at(step, total_steps, args.tau_base, args.tau_final)
-                loss, ssl, plain, ce, std = train_step(model, learner, optimizer, scaler,
+                loss, ssl, cosine, ce, std = train_step(model, learner, optimizer, scaler,
                                                        x1, x2, y, autocast, tau)
                 # --- END METHOD ---
             except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
                 common.die(f"step {step + 1}: {e}. {R.stopped_message(out)}")
             # Bookkeeping on the device: no host synchronisation except on logging steps.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
-            sums += torch.stack([ssl, plain, ce, std]).double()
+            epoch_sums += torch.stack([ssl, cosine, ce, std]).double()
             step += 1
             if step % args.log_every == 0:
                 R.check_finite(bad_step, None, step, out)
@@ -528,21 +533,21 @@ def train(args: Args) -> Learner:
         # End of the epoch: evaluate, append the metrics line, redraw the figures, then save.
         seconds = time.perf_counter() - t_epoch
         if world > 1:
-            dist.all_reduce(sums)
-            sums.div_(world)
+            dist.all_reduce(epoch_sums)
+            epoch_sums.div_(world)
             if not cuda:
                 R.average_batchnorm_statistics(learner)
         R.check_finite(bad_step, learner, step, out)  # before evaluating: NaN weights would only break the metrics
         health = evaluate(learner, test_loader, bank_loader, device, autocast) \
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else {}
-        record = R.epoch_record(learner, epoch + 1, step, sums, steps_per_epoch, health, lr=lr, tau=tau,
+        record = R.epoch_record(learner, epoch + 1, step, epoch_sums, steps_per_epoch, health, lr=lr, tau=tau,
                                 images_per_s=(step - epoch_start_step) * args.batch_size / seconds, train_s=seconds,
                                 epoch_s=time.perf_counter() - t_epoch,
                                 wall_time_s=elapsed + time.perf_counter() - t_start)
         healthy = 1 / math.sqrt(args.proj_dim)
         low_std_epochs = low_std_epochs + 1 if record["std_normalized_z"] < args.collapse_ratio * healthy else 0
         record["collapse_warning"] = low_std_epochs >= args.collapse_epochs
-        sums.zero_()
+        epoch_sums.zero_()
         if main_rank:
             R.append_metrics(out, record, args.epochs)
             if record["collapse_warning"]:

@@ -316,9 +316,9 @@ def test_nan_in_the_loss_is_caught_on_a_logging_step(tmp_path, cifar, monkeypatc
     real = common.pair_loss
 
     def poisoned(*args, **kwargs):
-        loss, plain = real(*args, **kwargs)
+        loss, cosine = real(*args, **kwargs)
         poisoned.calls += 1
-        return (loss * float("nan") if poisoned.calls == 5 else loss), plain  # two view orders a step: step 3
+        return (loss * float("nan") if poisoned.calls == 5 else loss), cosine  # two view orders a step: step 3
     poisoned.calls = 0
     monkeypatch.setattr(common, "pair_loss", poisoned)
     out = tmp_path / "run"

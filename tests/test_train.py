@@ -357,7 +357,7 @@ def test_loss_is_the_sum_of_both_view_orders_with_the_stop_gradient_where_it_bel
     x1, x2 = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 16, generator=g)
     y = torch.tensor([0, 1, 2, 0, 1, -1])  # -1: an unlabeled image (STL-10), ignored by the readout
     params = [*learner.online_parameters(), learner.predictor.weight]
-    loss, ssl, plain, ce, std = learner(x1, x2, y)
+    loss, ssl, cosine, ce, std = learner(x1, x2, y)
     got = torch.autograd.grad(loss, params)
 
     # By hand. In training mode BatchNorm uses batch statistics, so a second pass gives the same outputs.
@@ -387,10 +387,10 @@ def test_loss_is_the_sum_of_both_view_orders_with_the_stop_gradient_where_it_bel
 
 @pytest.mark.parametrize("ema", [True, False])
 def test_C_takes_each_view_in_turn_and_each_view_is_predicted_with_its_own_W_P(ema):
-    """The release's order: C <- tau C + (1 - tau) S1, view 1 predicted from it; then C <- tau C + (1 - tau) S2,
-    view 2 predicted from that; so C ends at tau^2 C0 + tau (1 - tau) S1 + (1 - tau) S2."""
-    tau = 0.5
-    learner = small_learner(ema, predictor="directpred", tau_c=tau)
+    """The release's order: C <- tau_c C + (1 - tau_c) S1, view 1 predicted from it; then C <- tau_c C + (1 - tau_c) S2,
+    view 2 predicted from that; so C ends at tau_c^2 C0 + tau_c (1 - tau_c) S1 + (1 - tau_c) S2."""
+    tau_c = 0.5
+    learner = small_learner(ema, predictor="directpred", tau_c=tau_c)
     g = torch.Generator().manual_seed(2)
     A = torch.randn(16, 16, generator=g, dtype=torch.float64)
     C0 = A @ A.T / 16
@@ -405,14 +405,14 @@ def test_C_takes_each_view_in_turn_and_each_view_is_predicted_with_its_own_W_P(e
     with torch.no_grad():
         t1, t2 = (learner.target(x1), learner.target(x2)) if ema else (z1, z2)
     S1, S2 = (z.double().T @ z.double() / len(z) for z in (z1, z2))
-    after1 = tau * C0 + (1 - tau) * S1
-    after2 = tau * after1 + (1 - tau) * S2
+    after1 = tau_c * C0 + (1 - tau_c) * S1
+    after2 = tau_c * after1 + (1 - tau_c) * S2
 
     def W_of(Cm):  # DirectPred: W_P = U diag((s / max s)^0.5) U^T
         s, U = torch.linalg.eigh(Cm)
         return (U * (s.clamp_min(0) / s.max()).sqrt()) @ U.T
     torch.testing.assert_close(learner.predictor.C, after2)
-    torch.testing.assert_close(after2, tau**2 * C0 + tau * (1 - tau) * S1 + (1 - tau) * S2)
+    torch.testing.assert_close(after2, tau_c**2 * C0 + tau_c * (1 - tau_c) * S1 + (1 - tau_c) * S2)
     assert len(seen) == 2
     for (z, W), want_z, C_then in zip(seen, (z1, z2), (after1, after2)):
         torch.testing.assert_close(z, want_z)

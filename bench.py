@@ -338,12 +338,12 @@ def bench_overhead(args: Args) -> dict:
 def bench_data(args: Args, step: dict | None) -> dict:
     import numpy as np
     from PIL import Image
-    import data as D
+    import data
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
     base = [(Image.fromarray(a), 0) for a in arrays]
-    specs = D.view_specs(32, (0.0, 0.0))
-    views = D.TwoViews(base, tuple(map(D.pil_view, specs)), seed=0)
+    specs = data.view_specs(32, (0.0, 0.0))
+    views = data.TwoViews(base, tuple(map(data.pil_view, specs)), seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one loader worker is one process on one core
     pil = len(base) / timed(lambda: [views[(0, i)] for i in range(len(base))], repeats=1)
@@ -352,7 +352,7 @@ def bench_data(args: Args, step: dict | None) -> dict:
     batches = [[(0, i) for i in range(256)], [(0, i) for i in range(256, 512)]]
 
     def device_path():
-        list(D.device_views(images, torch.zeros(512, device=DEVICE), specs, batches, 0, torch.contiguous_format))
+        list(data.device_views(images, torch.zeros(512, device=DEVICE), specs, batches, 0, torch.contiguous_format))
         sync()
     device = len(base) / timed(device_path, repeats=args.repeats, warmup=2)
     where = "on the GPU" if DEVICE.type == "cuda" else f"on this CPU ({torch.get_num_threads()} threads)"
@@ -374,7 +374,7 @@ def bench_data(args: Args, step: dict | None) -> dict:
 
 def bench_lineval(args: Args) -> dict:
     import common
-    import data as D
+    import data
     import linear_eval as L
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_data import write_cifar10
@@ -384,7 +384,7 @@ def bench_lineval(args: Args) -> dict:
     E, k, lr, wd = lin.epochs, 1 if args.quick else 2, lin.lrs[0], lin.wds[0]
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(tmp, n_train_per_class=50, n_test_per_class=1)
-        train = D.load_dataset("cifar10", tmp, "train", D.eval_transform("cifar10", 32))
+        train = data.load_dataset("cifar10", tmp, "train", data.eval_transform("cifar10", 32))
         t0 = time.perf_counter()
         x, y = L.extract_features(backbone, train, torch.device("cpu"), lin.batch_size, 0, label="bench")
         t_extract = time.perf_counter() - t0

@@ -214,11 +214,11 @@ def slot_cores(n: int) -> list[list[int]]:
 
 def fetch_data(datasets, data_dir: str) -> None:
     """The data step, once before any run starts, so that runs starting together never download side by side."""
-    import data as D
+    import data
     for dataset in datasets:
         try:
-            D.fetch(dataset, data_dir)
-        except D.DataError as e:
+            data.fetch(dataset, data_dir)
+        except data.DataError as e:
             raise SystemExit(f"error: {e}") from None
         print(f"data: {dataset} ready in {data_dir}", flush=True)
 
@@ -301,10 +301,10 @@ def step_cost(script: str, s, repeats: int) -> tuple[float | None, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     import common
-    import data as D
+    import data
     module = importlib.import_module(script.removesuffix(".py"))
     device = common.pick_device("auto")
-    crop, n_classes = s.crop or D.CROP_SIZE[s.dataset], TRAIN_IMAGES[s.dataset][1]
+    crop, n_classes = s.crop or data.CROP_SIZE[s.dataset], TRAIN_IMAGES[s.dataset][1]
     torch.manual_seed(0)
     learner = module.Learner(s, n_classes, common.uses_small_stem(crop)).to(device)
     optimizer, scaler = module.make_optimizer(s, learner), torch.amp.GradScaler(device.type, enabled=False)
@@ -341,26 +341,27 @@ def view_seconds(s, path: str, repeats: int) -> float:
     import torch
     from PIL import Image
     import common
-    import data as D
+    import data
     if not repeats:
         return s.batch_size / LOADER_PAIRS_PER_S if path == "loader" else 0.0
-    size, crop = D.CROP_SIZE[s.dataset], s.crop or D.CROP_SIZE[s.dataset]
+    size, crop = data.CROP_SIZE[s.dataset], s.crop or data.CROP_SIZE[s.dataset]
     blur = s.blur or ((1.0, 0.1) if s.dataset in ("stl10", "imagefolder") else (0.0, 0.0))
-    specs = D.view_specs(crop, blur, s.min_scale, grayscale=s.dataset in D.GRAYSCALE)
+    specs = data.view_specs(crop, blur, s.min_scale, grayscale=s.dataset in data.GRAYSCALE)
     n = min(s.batch_size, 32)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
     if path == "loader":
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a loader worker is one process on one core
-        views = D.TwoViews([(Image.fromarray(x.permute(1, 2, 0).numpy()), 0) for x in images],
-                           tuple(map(D.pil_view, specs)), 0)
+        views = data.TwoViews([(Image.fromarray(x.permute(1, 2, 0).numpy()), 0) for x in images],
+                              tuple(map(data.pil_view, specs)), 0)
         t = time.perf_counter()
         [views[(0, i)] for i in range(n)]
         torch.set_num_threads(threads)
     else:
         device = common.pick_device("auto")
-        list(D.device_views(images.to(device), torch.zeros(n, device=device), specs, [[(0, i) for i in range(n)]], 0))
+        list(data.device_views(images.to(device), torch.zeros(n, device=device), specs,
+                               [[(0, i) for i in range(n)]], 0))
         torch.cuda.synchronize() if device.type == "cuda" else None
     return (time.perf_counter() - t) * s.batch_size / n
 
@@ -386,7 +387,7 @@ def estimate(jobs: list[dict], args: Args) -> tuple[str, float]:
     text and the H200 hours still to run."""
     import torch
     import common
-    import data as D
+    import data
     import train_byol as Tb
     envs, threads = slots(args.gpus, args.gpus_per_run, args.jobs), torch.get_num_threads()
     cores = len(slot_cores(len(envs))[0]) or max(1, (os.cpu_count() or 1) // len(envs))
@@ -398,8 +399,8 @@ def estimate(jobs: list[dict], args: Args) -> tuple[str, float]:
         for job in jobs:
             script, s = job["cmds"][0][0], run_settings(job)
             workers = s.num_workers if s.num_workers is not None else max(0, cores // args.gpus_per_run - 1)
-            here_path, gpu_path = (D.views_on(s.augment_on, s.dataset, cuda_here),
-                                   D.views_on(s.augment_on, s.dataset, True))
+            here_path, gpu_path = (data.views_on(s.augment_on, s.dataset, cuda_here),
+                                   data.views_on(s.augment_on, s.dataset, True))
             # the backbone's cost decides: one timing per script and model size, whatever the predictor
             key = (script, s.dataset, s.crop, s.width, s.batch_size, s.proj_hidden, s.proj_dim, s.pred_hidden,
                    here_path)
@@ -456,9 +457,9 @@ def hours(seconds: float) -> str:
 
 def collect(job: dict) -> dict:
     """A finished run's numbers: linear_eval.json, and from metrics.jsonl the last evaluation and the last epoch."""
-    import rundir as R
+    import rundir
     lin = json.loads((job["dir"] / "linear_eval.json").read_text())
-    records = R.read_metrics(job["dir"] / "metrics.jsonl")
+    records = rundir.read_metrics(job["dir"] / "metrics.jsonl")
     config = json.loads((job["dir"] / "config.json").read_text())
     last, evaluated = records[-1], [r for r in records if r.get("knn_top1") is not None]
     return dict(row=job["row"], target=job["target"], dataset=job["dataset"], seed=job["seed"], run=job["dir"].name,
@@ -566,8 +567,8 @@ def main(args: Args) -> list[dict]:
     if args.jobs < 1 or not args.seeds or not args.dataset or (args.epochs is not None and args.epochs < 1):
         raise SystemExit("error: --jobs and --epochs must be >= 1, and --seeds and --dataset must name at least one")
     import common
-    import data as D
-    import rundir as R
+    import data
+    import rundir
     scale, jobs, envs = scale_of(args), plan(args), slots(args.gpus, args.gpus_per_run, args.jobs)
     results_dir = Path(args.results_dir or f"results/{'+'.join(args.dataset)}-{scale}")
     if args.download and not args.dry_run:
@@ -597,7 +598,7 @@ def main(args: Args) -> list[dict]:
             s = run_settings(next(j for j in jobs if (j["dataset"], j["seed"]) == (dataset, seed)))
             refs[(dataset, seed)] = evaluate_random_init(
                 Path(args.runs_dir) / f"{dataset}-{scale}" / f"random-init-s{seed}",
-                seed, s.width, s.crop or D.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
+                seed, s.width, s.crop or data.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
     command = (" ".join(["python grid.py", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "grid.py"
                else f"grid.main({args})")
     when = time.strftime("%Y-%m-%d")
@@ -608,7 +609,7 @@ def main(args: Args) -> list[dict]:
     common.atomic_write_text(results_dir / "grid.md", text + "\n")
     common.atomic_write_text(results_dir / "grid.json", json.dumps(dict(
         command=command, date=when, machine=machine, scale=scale, args=asdict(args),
-        minutes=(time.perf_counter() - t0) / 60, provenance=R.provenance(), runs=results,
+        minutes=(time.perf_counter() - t0) / 60, provenance=rundir.provenance(), runs=results,
         random_init=[dict(dataset=d, seed=s, linear=100 * r["offline_linear"]["top1"],
                           knn=100 * r["knn"]["results"]["k=20"]["top1"])
                      for (d, s), r in refs.items()]), indent=1) + "\n")

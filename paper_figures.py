@@ -137,10 +137,10 @@ def plan(args: Args) -> tuple[Path, str, list[dict]]:
 
 def random_init(out: Path, dataset: str, job: dict, args: Args) -> dict:
     """linear_eval.py on the backbone the runs start from (once; kept in out/random-init-sSEED, as grid.py's)."""
-    import data as D
+    import data
     config = json.loads((job["dir"] / "config.json").read_text())
     return evaluate_random_init(out / f"random-init-s{args.seed}", config["seed"], config["width"],
-                                config["crop"] or D.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
+                                config["crop"] or data.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
 
 
 def near_top(eigenvalues: list[float], factor: float = 10.0) -> int:
@@ -151,8 +151,8 @@ def near_top(eigenvalues: list[float], factor: float = 10.0) -> int:
 
 def collect(job: dict) -> dict | None:
     """A run's numbers, or None before its first epoch; linear_eval.py's once it has run."""
-    import rundir as R
-    records = R.read_metrics(job["dir"] / "metrics.jsonl")
+    import rundir
+    records = rundir.read_metrics(job["dir"] / "metrics.jsonl")
     failed = job["dir"] / "failed.txt"
     failed = failed.read_text().strip() if failed.exists() else None
     if not records and not failed:

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 import tyro
 
 import common
-import data as D
-import rundir as R
+import data
+import rundir
 
 
 @dataclass(frozen=True)
@@ -358,7 +358,7 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
             with autocast():
                 f = learner.backbone(x.to(device, non_blocking=True)).float()
                 rows.append((f, learner.projector(f).float(), learner.readout(f).float(), y.to(device)))
-        return [R.gather(torch.cat(column)) for column in zip(*rows)]
+        return [rundir.gather(torch.cat(column)) for column in zip(*rows)]
     f, z, logits, y = outputs(test_loader)
     (top1, top5), cov_f, cov_z, zd = (common.topk_accuracy(logits, y), common.centred_spectrum(f),
                                       common.centred_spectrum(z), z.double())
@@ -382,25 +382,25 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
 
 def train(args: Args) -> Learner:
     """Train with `args` (resuming from the run directory when it holds this run); returns the model."""
-    rank, world, device = R.setup_distributed(args.device)
+    rank, world, device = rundir.setup_distributed(args.device)
     main_rank, cuda = rank == 0, device.type == "cuda"
     check_args(args, world)
-    augment_on = D.views_on(args.augment_on, args.dataset, cuda)
+    augment_on = data.views_on(args.augment_on, args.dataset, cuda)
     workers = common.loader_workers() if args.num_workers is None else args.num_workers
     say = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.amp == "auto" and cuda else args.amp)
 
     # Data first: a missing data set is one line, before anything is written.
-    crop = args.crop or D.CROP_SIZE[args.dataset]
+    crop = args.crop or data.CROP_SIZE[args.dataset]
     blur = args.blur or ((1.0, 0.1) if args.dataset in ("stl10", "imagefolder") else (0.0, 0.0))
-    test_view = D.eval_transform(args.dataset, crop)
+    test_view = data.eval_transform(args.dataset, crop)
     if not main_rank:
         dist.barrier()  # rank 0 downloads (if asked) before the others look
     try:
-        base = D.load_dataset(args.dataset, args.data_dir, "pretrain", download=args.download)
-        test_set = D.load_dataset(args.dataset, args.data_dir, "test", test_view, download=args.download)
-        bank_set = D.load_dataset(args.dataset, args.data_dir, "train", test_view) if args.knn_k else None
-    except D.DataError as e:
+        base = data.load_dataset(args.dataset, args.data_dir, "pretrain", download=args.download)
+        test_set = data.load_dataset(args.dataset, args.data_dir, "test", test_view, download=args.download)
+        bank_set = data.load_dataset(args.dataset, args.data_dir, "train", test_view) if args.knn_k else None
+    except data.DataError as e:
         common.die(str(e))
     if main_rank and world > 1:
         dist.barrier()
@@ -415,7 +415,7 @@ def train(args: Args) -> Learner:
     peaks = dict(ssl=peak_lr, readout=args.readout_lr * args.batch_size / 256)  # by param group name
     out = Path(args.out_dir or f"runs/{args.name}-{args.dataset}-s{args.seed}")
     settings = {**dataclasses.asdict(args), "augment_on": augment_on}  # auto resolved: a resumed run keeps its views
-    ckpt = R.open_run(out, settings)
+    ckpt = rundir.open_run(out, settings)
 
     torch.manual_seed(args.seed)
     small_stem = common.uses_small_stem(crop)
@@ -430,14 +430,14 @@ def train(args: Args) -> Learner:
     # and the std of l2-normalised z (rundir.epoch_record reads them by position; last.pt keeps them).
     step, epoch_sums, low_std_epochs, elapsed = 0, torch.zeros(4, dtype=torch.float64, device=device), 0, 0.0
     if ckpt is not None:
-        R.restore(ckpt, parts, out)
+        rundir.restore(ckpt, parts, out)
         step, low_std_epochs, elapsed = ckpt["step"], ckpt["low_std_epochs"], ckpt["elapsed"]
         epoch_sums.copy_(ckpt["epoch_sums"])
-        diff = R.settings_diff(ckpt["args"], settings)
+        diff = rundir.settings_diff(ckpt["args"], settings)
         say(f"resuming {out / 'last.pt'} at step {step}"
             + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
     if main_rank:  # every check has passed: from here on the run directory is written (by rank 0 only)
-        R.start(out, settings, step)
+        rundir.start(out, settings, step)
 
     model = learner
     if world > 1:
@@ -450,16 +450,16 @@ def train(args: Args) -> Learner:
     model = torch.compile(model) if args.compile else model
 
     # The loaders are made once; the training loader's worker processes (if any) live across epochs.
-    specs = D.view_specs(crop, blur, args.min_scale, grayscale=args.dataset in D.GRAYSCALE)
-    batches = D.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
-    train_loader = None if augment_on == "device" else D.loader(
-        D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), workers, cuda, True, batch_sampler=batches)
+    specs = data.view_specs(crop, blur, args.min_scale, grayscale=args.dataset in data.GRAYSCALE)
+    batches = data.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
+    train_loader = None if augment_on == "device" else data.loader(
+        data.TwoViews(base, tuple(map(data.pil_view, specs)), args.seed), workers, cuda, True, batch_sampler=batches)
     if augment_on == "device":
-        images, labels = (t.to(device) for t in D.images_as_tensor(base))
+        images, labels = (t.to(device) for t in data.images_as_tensor(base))
     bank = torch.randperm(len(bank_set or ()), generator=torch.Generator().manual_seed(0))[:10_000].sort().values
     test_loader, bank_loader = (None if ds is None
-                                else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
-                                              workers, cuda, batch_size=max(2, args.batch_size // world))
+                                else data.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
+                                                 workers, cuda, batch_size=max(2, args.batch_size // world))
                                 for ds, index in ((test_set, torch.arange(len(test_set))), (bank_set, bank)))
     if (len(test_set) + len(bank)) * 12 * crop**2 < 2**28:  # the clean views never change: under 256 MB, read them once
         test_loader, bank_loader = (loader and list(loader) for loader in (test_loader, bank_loader))
@@ -468,13 +468,13 @@ def train(args: Args) -> Learner:
 
     def save(at_step: int) -> None:
         """last.pt, after checking that nothing in it is NaN (the previous one stays otherwise)."""
-        R.check_finite(bad_step, learner, at_step, out)
+        rundir.check_finite(bad_step, learner, at_step, out)
         if world > 1:  # rank 0 saves, so the epoch's sums it holds must be everyone's
             dist.all_reduce(epoch_sums)
             epoch_sums.div_(world)
         if main_rank:
-            R.save(out, settings, at_step, parts, epoch_sums=epoch_sums.cpu(), low_std_epochs=low_std_epochs,
-                   elapsed=elapsed + time.perf_counter() - t_start)
+            rundir.save(out, settings, at_step, parts, epoch_sums=epoch_sums.cpu(), low_std_epochs=low_std_epochs,
+                        elapsed=elapsed + time.perf_counter() - t_start)
 
     say(f"{args.name}: {args.dataset} ({len(base)} images, crop {crop}), {world} x {device}, amp {amp_dtype}, "
         f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, lr {peak_lr:.4g} -> {out}")
@@ -486,7 +486,7 @@ def train(args: Args) -> Learner:
     for epoch in range(step // steps_per_epoch, args.epochs):
         batches.set_epoch(epoch, step % steps_per_epoch)
         t_epoch, epoch_start_step = time.perf_counter(), step
-        source = D.device_views(images, labels, specs, batches, args.seed, memory_format) \
+        source = data.device_views(images, labels, specs, batches, args.seed, memory_format) \
             if augment_on == "device" else train_loader
         for x1, x2, y in source:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -500,13 +500,13 @@ def train(args: Args) -> Learner:
                                                        x1, x2, y, autocast)
                 # --- END METHOD ---
             except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
-                common.die(f"step {step + 1}: {e}. {R.stopped_message(out)}")
+                common.die(f"step {step + 1}: {e}. {rundir.stopped_message(out)}")
             # Bookkeeping on the device: no host synchronisation except on logging steps.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
             epoch_sums += torch.stack([ssl, cosine, ce, std]).double()
             step += 1
             if step % args.log_every == 0:
-                R.check_finite(bad_step, None, step, out)
+                rundir.check_finite(bad_step, None, step, out)
                 say(progress.line(step * args.batch_size, epoch=epoch + 1, step=step, loss=ssl.item(), lr=lr))
             if args.save_every and step % args.save_every == 0 and step % steps_per_epoch != 0:
                 save(step)  # mid-epoch; the end of an epoch is saved below, after its metrics
@@ -517,20 +517,20 @@ def train(args: Args) -> Learner:
             dist.all_reduce(epoch_sums)
             epoch_sums.div_(world)
             if not cuda:
-                R.average_batchnorm_statistics(learner)
-        R.check_finite(bad_step, learner, step, out)  # before evaluating: NaN weights would only break the metrics
+                rundir.average_batchnorm_statistics(learner)
+        rundir.check_finite(bad_step, learner, step, out)  # before evaluating: NaN weights would only break the metrics
         health = evaluate(learner, test_loader, bank_loader, device, autocast) \
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else {}
-        record = R.epoch_record(learner, epoch + 1, step, epoch_sums, steps_per_epoch, health, lr=lr, tau=tau,
-                                images_per_s=(step - epoch_start_step) * args.batch_size / seconds, train_s=seconds,
-                                epoch_s=time.perf_counter() - t_epoch,
-                                wall_time_s=elapsed + time.perf_counter() - t_start)
+        record = rundir.epoch_record(learner, epoch + 1, step, epoch_sums, steps_per_epoch, health, lr=lr, tau=tau,
+                                     images_per_s=(step - epoch_start_step) * args.batch_size / seconds,
+                                     train_s=seconds, epoch_s=time.perf_counter() - t_epoch,
+                                     wall_time_s=elapsed + time.perf_counter() - t_start)
         healthy = 1 / math.sqrt(args.proj_dim)
         low_std_epochs = low_std_epochs + 1 if record["std_normalized_z"] < args.collapse_ratio * healthy else 0
         record["collapse_warning"] = low_std_epochs >= args.collapse_epochs
         epoch_sums.zero_()
         if main_rank:
-            R.append_metrics(out, record, args.epochs)
+            rundir.append_metrics(out, record, args.epochs)
             if record["collapse_warning"]:
                 print(f"warning: possible collapse: the std of l2-normalised z has been below {args.collapse_ratio} x "
                       f"{healthy:.4f} (healthy) for {low_std_epochs} epochs (now {record['std_normalized_z']:.2e})",
@@ -538,10 +538,10 @@ def train(args: Args) -> Learner:
         save(step)
 
     if main_rank:
-        R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem,
-                          out_dim=learner.backbone.out_dim, dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD,
-                          step=step, name=args.name)
-    R.finish(train_loader)
+        rundir.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem,
+                               out_dim=learner.backbone.out_dim, dataset=args.dataset, crop=crop, mean=data.MEAN,
+                               std=data.STD, step=step, name=args.name)
+    rundir.finish(train_loader)
     return learner
 
 
@@ -560,7 +560,7 @@ def main(argv=None) -> Learner:
     args = parse(argv)
     try:
         return train(args)
-    except D.DataError as e:  # an unreadable image met while training, here or in a loader worker
+    except data.DataError as e:  # an unreadable image met while training, here or in a loader worker
         common.die(str(e))
 
 

@@ -115,7 +115,8 @@ def toy_runs():
             fast = s.startswith("cosine") or s == "euclidean-no-predictor"
             steps = a.no_predictor_steps if s.endswith("no-predictor") else a.steps
             runs.append((f"{fig}-eigenvalues", 15, 10, relu, s, steps, a.lr_fast if fast else a.lr))
-    runs += [("fig5", 6, 2, False, f"{loss}-standard", a.steps, a.lr) for loss in ("euclidean", "cosine") for _ in range(3)]
+    runs += [("fig5", 6, 2, False, f"{loss}-standard", a.steps, a.lr)
+             for loss in ("euclidean", "cosine") for _ in range(3)]
     return runs
 
 
@@ -147,7 +148,8 @@ def notebook_step(W, setting: str, relu: bool, lr: float, samples: int = 50_000,
 def bench_toy(args: Args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "toy_linear.py", "--out-dir", tmp], cwd=REPO, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "toy_linear.py", "--out-dir", tmp], cwd=REPO, capture_output=True,
+                           text=True)
         ours = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"toy_linear.py failed:\n{r.stderr}")
@@ -161,7 +163,8 @@ def bench_toy(args: Args) -> dict:
         per_step = timed(lambda: [run() for _ in range(sample_steps)], repeats=1) / sample_steps
         total += per_step * steps
         per_block[block] = per_block.get(block, 0.0) + per_step * steps
-    rows = [("default toy suite (Figs. 2, 5, 6)", f"{ours:.1f} s", f"{total:.0f} s (extrapolated)", f"{total / ours:.0f}x")]
+    rows = [("default toy suite (Figs. 2, 5, 6)", f"{ours:.1f} s", f"{total:.0f} s (extrapolated)",
+             f"{total / ours:.0f}x")]
     print(table(rows, ("toy", "ours (measured)", "notebook-style", "speed-up")))
     return dict(ours_s=ours, notebook_s=total, speedup=total / ours, notebook_blocks_s=per_block)
 
@@ -176,7 +179,7 @@ def bench_predictor(args: Args, step_s: float | None) -> dict:
     torch.manual_seed(0)
     d, B = 256, 256
     z1, z2 = torch.randn(B, d, device=DEVICE), torch.randn(B, d, device=DEVICE)
-    pred = common.ClosedFormPredictor(d, **common.CLOSED_FORM["directpred"], tau=0.998).to(DEVICE)
+    pred = common.ClosedFormPredictor(d, **common.CLOSED_FORM["directpred"], decay=0.998).to(DEVICE)
 
     def ours():
         for z in (z1, z2):  # the training step's order: C takes each view, then predicts it
@@ -205,7 +208,8 @@ def bench_predictor(args: Args, step_s: float | None) -> dict:
     rows = [("ours: one eigh (float64) per view", f"{1e3 * t_ours:.2f}", "1.0x", share),
             ("general eig per view, float32", f"{1e3 * t32:.2f}", f"{t32 / t_ours:.1f}x", ""),
             ("general eig per view, float64", f"{1e3 * t64:.2f}", f"{t64 / t_ours:.1f}x", "")]
-    print(table(rows, ("closed-form predictor, d 256, batch 256", "ms/step", "baseline / ours", "share of a batch-256 step")))
+    print(table(rows, ("closed-form predictor, d 256, batch 256", "ms/step", "baseline / ours",
+                       "share of a batch-256 step")))
     return dict(ours_ms=1e3 * t_ours, general_f32_ms=1e3 * t32, general_f64_ms=1e3 * t64,
                 speedup_f32=t32 / t_ours, speedup_f64=t64 / t_ours, share_of_step=t_ours / step_s if step_s else None)
 
@@ -271,7 +275,8 @@ def bench_memory(args: Args) -> dict:
                 make_step(batch, True, bf16, 3)()
                 peak = torch.cuda.max_memory_allocated() / 2**20
                 results[f"b{batch}-{'bf16' if bf16 else 'fp32'}-cl"] = dict(peak_gpu_mib=peak)
-                rows.append((f"training step, batch {batch}, {'bf16' if bf16 else 'fp32'}, channels_last", f"{peak:.0f} MiB"))
+                rows.append((f"training step, batch {batch}, {'bf16' if bf16 else 'fp32'}, channels_last",
+                             f"{peak:.0f} MiB"))
         print(table(rows, ("BYOL preset, width 1, 32 x 32", "peak GPU memory (max_memory_allocated)")))
         return results
     # VmHWM (peak resident set) of a fresh process; ru_maxrss would count the parent's pages too.
@@ -316,7 +321,8 @@ def bench_overhead(args: Args) -> dict:
     loop_s = sum(r["train_s"] for r in later) / len(later)
     outside, not_steps = 1 - loop_s / epoch_s, 1 - steps * step_s / epoch_s
     rows = [(f"`train_simsiam.py cpu-demo --epochs {epochs}`", f"{epoch_s:.2f} s", f"{loop_s:.2f} s",
-             f"{steps} x {1e3 * step_s:.0f} ms", f"{100 * outside:.1f}%", f"{100 * not_steps:.1f}%", f"{process_s:.0f} s")]
+             f"{steps} x {1e3 * step_s:.0f} ms", f"{100 * outside:.1f}%", f"{100 * not_steps:.1f}%",
+             f"{process_s:.0f} s")]
     print(table(rows, ("laptop run (epochs after the first)", "epoch", "its loop", "training steps alone",
                        "outside the loop (evaluation, figures, checkpoint)", "not training steps (also augmentation)",
                        "whole process")))
@@ -332,12 +338,12 @@ def bench_overhead(args: Args) -> dict:
 def bench_data(args: Args, step: dict | None) -> dict:
     import numpy as np
     from PIL import Image
-    import data as D
+    import data
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
     base = [(Image.fromarray(a), 0) for a in arrays]
-    specs = D.view_specs(32, (0.0, 0.0))
-    views = D.TwoViews(base, tuple(map(D.pil_view, specs)), seed=0)
+    specs = data.view_specs(32, (0.0, 0.0))
+    views = data.TwoViews(base, tuple(map(data.pil_view, specs)), seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one loader worker is one process on one core
     pil = len(base) / timed(lambda: [views[(0, i)] for i in range(len(base))], repeats=1)
@@ -346,7 +352,7 @@ def bench_data(args: Args, step: dict | None) -> dict:
     batches = [[(0, i) for i in range(256)], [(0, i) for i in range(256, 512)]]
 
     def device_path():
-        list(D.device_views(images, torch.zeros(512, device=DEVICE), specs, batches, 0, torch.contiguous_format))
+        list(data.device_views(images, torch.zeros(512, device=DEVICE), specs, batches, 0, torch.contiguous_format))
         sync()
     device = len(base) / timed(device_path, repeats=args.repeats, warmup=2)
     where = "on the GPU" if DEVICE.type == "cuda" else f"on this CPU ({torch.get_num_threads()} threads)"
@@ -368,7 +374,7 @@ def bench_data(args: Args, step: dict | None) -> dict:
 
 def bench_lineval(args: Args) -> dict:
     import common
-    import data as D
+    import data
     import linear_eval as L
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_data import write_cifar10
@@ -378,7 +384,7 @@ def bench_lineval(args: Args) -> dict:
     E, k, lr, wd = lin.epochs, 1 if args.quick else 2, lin.lrs[0], lin.wds[0]
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(tmp, n_train_per_class=50, n_test_per_class=1)
-        train = D.load_dataset("cifar10", tmp, "train", D.eval_transform("cifar10", 32))
+        train = data.load_dataset("cifar10", tmp, "train", data.eval_transform("cifar10", 32))
         t0 = time.perf_counter()
         x, y = L.extract_features(backbone, train, torch.device("cpu"), lin.batch_size, 0, label="bench")
         t_extract = time.perf_counter() - t0
@@ -409,10 +415,12 @@ def main(args: Args) -> dict:
     args = replace(args, repeats=1 if args.quick else args.repeats)
     cpu = common.cpu_info()[0]
     print(f"bench.py on {cpu} (torch kernels: {torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+          f"{torch.get_num_threads()} threads, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
           f"{', quick' if args.quick else ''}\n", flush=True)
     results, t0 = {}, time.perf_counter()
-    for name in ("toy", "step", "predictor", "data", "overhead", "lineval", "memory"):  # step first: predictor, data use it
+    # step first: predictor, data use it
+    for name in ("toy", "step", "predictor", "data", "overhead", "lineval", "memory"):
         if name not in sections:
             continue
         print(f"## {name}", flush=True)

@@ -6,11 +6,13 @@ non-contrastive SSL", NeurIPS 2023) and to METHOD.md (the equations, numbered by
   cosine_loss, euclidean_loss         (3.1), (3.2): L_cos = 2 - 2 cos(p, t), L_euc = |p - t|^2
   iso_euclidean_loss, iso_cosine_loss (3.3), (3.4): IsoLoss, the same gradient with W_P^T removed
   MLPPredictor, LinearPredictor       (2.1), (2.2): BYOL/SimSiam predictor; learnable W (Fig. 4)
-  correlation_batch, ClosedFormPredictor  (2.3a-d): C <- tau C + (1 - tau) Z^T Z / B, eigh, W_P = U diag(s_hat^a) U^T
+  correlation_batch, ClosedFormPredictor  (2.3a-d): C <- tau_c C + (1 - tau_c) Z^T Z / B, eigh,
+                                      W_P = U diag(s_hat^a) U^T
   pair_loss                           (1.1): one view order's loss; the step sums both orders
   participation_ratio, normalized_std, eigenvector_alignment, centred_spectrum, effective_rank,
   mode_gradients, knn_scores, topk_accuracy  what the runs log (section 6), how collapse is told from health
   resnet18                            the backbone, with torchvision's parameter names
+  LARS                                the optimiser of the runs with an EMA target (section 6), as the release's
   pick_device, cpu_info, atomic_save, load_checkpoint, Progress, die: plumbing every script needs
 
 Conventions: a batch is (B, d); every loss is a per-sample loss averaged over the batch; the
@@ -105,10 +107,11 @@ def correlation_batch(z: torch.Tensor) -> torch.Tensor:
 class ClosedFormPredictor(nn.Module):
     """W_P = U diag(s_hat^alpha) U^T from a running correlation matrix C of the online outputs.
 
-    update(z) folds a detached batch into C <- tau C + (1 - tau) Z^T Z / B (not centred), then
-    eigendecomposes C once (eigh, float64) and caches W_P and W_P^(1/2); calling the module
-    returns p = W_P z, and sqrt(z) returns W_P^(1/2) z. W_P is a constant for autograd. The training
-    scripts update once per view, each view predicted right after its own update (the release's order).
+    update(z) folds a detached batch into C <- decay C + (1 - decay) Z^T Z / B (not centred; decay is the
+    paper's tau_c, --tau-c of the training scripts), then eigendecomposes C once (eigh, float64) and caches W_P
+    and W_P^(1/2); calling the module returns p = W_P z, and apply_sqrt(z) returns W_P^(1/2) z. W_P is a
+    constant for autograd. The training scripts update once per view, each view predicted right after its own
+    update (the release's order).
     normalize=True (the release's default) divides the eigenvalues by the largest: W_P's scale is fixed
     (its top eigenvalue is 1) whatever the size of z. normalize=False keeps s itself, the toy theory's
     W_P (METHOD.md 4): the Euclidean loss then pins every mode's variance at 1 instead of leaving the
@@ -119,11 +122,13 @@ class ClosedFormPredictor(nn.Module):
     Under torch.distributed the batch term is averaged over ranks first: every rank holds the same C.
     """
 
-    def __init__(self, dim: int, alpha: float, eps: float, tau: float, normalize: bool = True):
+    def __init__(self, dim: int, alpha: float, eps: float, decay: float, normalize: bool = True):
         super().__init__()
-        if alpha <= 0 or eps < 0 or not 0 <= tau < 1:
-            raise ValueError(f"ClosedFormPredictor needs alpha > 0, eps >= 0, 0 <= tau < 1; got {alpha=}, {eps=}, {tau=}")
-        self.alpha, self.eps, self.tau, self.normalize = alpha, eps, tau, normalize
+        if alpha <= 0 or eps < 0 or not 0 <= decay < 1:
+            raise ValueError("ClosedFormPredictor needs alpha > 0, eps >= 0, 0 <= decay < 1; "
+                             f"got {alpha=}, {eps=}, {decay=}")
+        # decay is a plain attribute, not a buffer: it is not in the state_dict (checkpoints hold the settings).
+        self.alpha, self.eps, self.decay, self.normalize = alpha, eps, decay, normalize
         self.register_buffer("C", torch.zeros(dim, dim, dtype=torch.float64))
         self.register_buffer("eigvals", torch.zeros(dim, dtype=torch.float64))
         # Kept in float64 (they are tiny) and cast to the input's dtype in forward.
@@ -136,8 +141,9 @@ class ClosedFormPredictor(nn.Module):
         # One host sync per update (per view); eigh below synchronises on CUDA anyway. Checked after the
         # all-reduce so that every rank raises together instead of one rank hanging.
         if not torch.isfinite(batch).all():
-            raise FloatingPointError("ClosedFormPredictor.update: the projector outputs contain NaN or Inf; C was left unchanged")
-        self.C.mul_(self.tau).add_(batch, alpha=1 - self.tau)
+            raise FloatingPointError("ClosedFormPredictor.update: the projector outputs contain NaN or Inf; "
+                                     "C was left unchanged")
+        self.C.mul_(self.decay).add_(batch, alpha=1 - self.decay)
         s, U = torch.linalg.eigh(self.C)
         self.eigvals.copy_(s)
         s_max = s.max()
@@ -153,23 +159,24 @@ class ClosedFormPredictor(nn.Module):
         # W_P is symmetric, so z @ W_P is (W_P z^T)^T row by row.
         return z @ self.W.to(z.dtype)
 
-    def sqrt(self, z: torch.Tensor) -> torch.Tensor:
+    def apply_sqrt(self, z: torch.Tensor) -> torch.Tensor:
         """W_P^(1/2) z, which the cosine IsoLoss needs beside p = W_P z."""
         return z @ self.W_sqrt.to(z.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, tau={self.tau}, normalize={self.normalize}"
+        return (f"dim={self.C.shape[0]}, alpha={self.alpha}, eps={self.eps}, decay={self.decay}, "
+                f"normalize={self.normalize}")
 
 
-def build_predictor(kind: str, dim: int, hidden: int, tau: float, alpha: float | None = None,
+def build_predictor(kind: str, dim: int, hidden: int, decay: float, alpha: float | None = None,
                     eps: float | None = None, normalize: bool = True) -> nn.Module:
     """mlp, linear, directpred, directcopy (alpha/eps default to CLOSED_FORM's) or none (the ablation);
-    tau, normalize: the running C's decay and whether W_P's spectrum is divided by its largest value
+    decay, normalize: the running C's decay (tau_c) and whether W_P's spectrum is divided by its largest value
     (closed-form predictors only)."""
     if kind in CLOSED_FORM:
         spec = CLOSED_FORM[kind]
-        return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha, spec["eps"] if eps is None else eps, tau,
-                                   normalize)
+        return ClosedFormPredictor(dim, spec["alpha"] if alpha is None else alpha,
+                                   spec["eps"] if eps is None else eps, decay, normalize)
     others = {"mlp": lambda: MLPPredictor(dim, hidden), "linear": lambda: LinearPredictor(dim), "none": nn.Identity}
     if kind not in others:
         raise ValueError(f"unknown predictor {kind!r}; choose one of {', '.join([*others, *CLOSED_FORM])}")
@@ -186,22 +193,23 @@ def check_isoloss(predictor: nn.Module) -> None:
 def pair_loss(loss: str, isoloss: bool, predictor: nn.Module, z: torch.Tensor, t: torch.Tensor,
               stop_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of one view order: the prediction of z toward the target t. Returns (loss to minimise,
-    plain cosine loss of the same pair, detached, for logging). The training step sums the two orders
-    (p1 toward t2, p2 toward t1: summed, not averaged). A ClosedFormPredictor predicts with the W_P it
-    holds now: update it with this view first."""
+    cosine loss of the same pair, detached, for logging: the runs log it beside every loss). The training step
+    sums the two orders (p1 toward t2, p2 toward t1: summed, not averaged). A ClosedFormPredictor predicts with
+    the W_P it holds now: update it with this view first."""
     p = predictor(z)
     if isoloss:
         check_isoloss(predictor)
         if not stop_grad:
             raise ValueError("IsoLoss is built from stop-gradients; it has no no-stop-gradient variant")
-        value = iso_cosine_loss(z, p, predictor.sqrt(z), t) if loss == "cosine" else iso_euclidean_loss(z, p, t)
+        value = iso_cosine_loss(z, p, predictor.apply_sqrt(z), t) if loss == "cosine" else iso_euclidean_loss(z, p, t)
     else:
         value = (cosine_loss if loss == "cosine" else euclidean_loss)(p, t, stop_grad=stop_grad)
     return value, cosine_loss(p.detach(), t)
 
 
-def widen(x: torch.Tensor) -> torch.Tensor:
-    """x in float32 at least: autocast's half-precision outputs are widened, float64 stays float64."""
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least, for the loss and the readout: autocast's half-precision outputs are cast to float32,
+    float64 stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -360,6 +368,36 @@ def uses_small_stem(crop: int) -> bool:
     return crop <= 32
 
 
+# --- The optimiser of the runs with an EMA target (METHOD.md section 6) ---------------------------
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017), the optimiser of the runs with an EMA target: the release trains BYOL, DirectPred,
+    DirectCopy and IsoLoss with the EMA target by it (train_byol.py's make_optimizer builds its groups; the runs
+    without a target use plain momentum SGD). METHOD.md section 6.
+
+    Momentum SGD whose step for each weight tensor is scaled by the trust ratio eta |w| / (|g| + wd |w| + 1e-8),
+    clipped so that the adapted rate never exceeds the global one; where |w| or |g| is zero, the plain gradient
+    (no decay), as in the release. Groups with lars=False (biases, norm layers) get plain momentum SGD."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                g, wd = p.grad, group["weight_decay"]
+                if group["lars"]:
+                    w_norm, g_norm = p.norm(), g.norm()
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
+                    # torch.where instead of an `if` on the norms: no host synchronisation.
+                    g = torch.where((w_norm > 0) & (g_norm > 0), (g + wd * p) * (trust / group["lr"]).clamp(max=1.0), g)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+
+
 # --- Plumbing --------------------------------------------------------------------------------
 
 
@@ -385,7 +423,8 @@ def cpu_info() -> tuple[str, set[str]]:
             model = value.strip()
         elif key.strip() == "flags":
             flags = set(value.split())
-    ext = "/".join(n for n, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile")) if f in flags) or "no AVX2"
+    ext = "/".join(n for n, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile"))
+                   if f in flags) or "no AVX2"
     bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
     return f"{model}, {os.cpu_count()} cores, {ext}, {bf16}", flags
 
@@ -448,7 +487,8 @@ class Progress:
         rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else math.inf
         extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-        hms = f"{int(eta) // 3600:02d}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}" if math.isfinite(eta) else "--:--:--"
+        hms = (f"{int(eta) // 3600:02d}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}"
+               if math.isfinite(eta) else "--:--:--")
         return f"{done:>8d}/{self.total:<8d} {extra}  {rate:8.1f} {self.unit}/s  ETA {hms}"
 
 

@@ -1,6 +1,7 @@
 """The data of train_byol.py, train_simsiam.py and linear_eval.py:
 
-  load_dataset, eval_transform    cifar10, cifar100, stl10, tinyimagenet, imagefolder, digits, fashionmnist; the test view
+  load_dataset, eval_transform    cifar10, cifar100, stl10, tinyimagenet, imagefolder, digits, fashionmnist;
+                                  the test view
   fetch                           the data step before runs: download (or say how to get) a data set, once
   ViewSpec, view_specs, pil_view  one view's augmentation (METHOD.md section 6), on PIL images in loader workers
   batched_view, device_views      the same distributions, drawn per image on a uint8 batch on the device
@@ -45,7 +46,8 @@ class DataError(RuntimeError):
 
 
 def eval_transform(dataset: str, crop: int):
-    """Test-time view: at a data set's own image size as it is, else (imagefolder, another crop) resized and centre-cropped."""
+    """Test-time view: at a data set's own image size as it is, else (imagefolder, another crop) resized and
+    centre-cropped."""
     same = crop == CROP_SIZE.get(dataset) and dataset != "imagefolder"
     resize = [] if same else [T.Resize(round(crop * 8 / 7)), T.CenterCrop(crop)]
     return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -106,7 +108,8 @@ def load_dataset(name: str, root: str | Path, split: str, transform=None, downlo
                             f"extract {archive} into {root}/ by hand") from e
     if name in ("tinyimagenet", "imagefolder"):
         hint = (f"get it with `{TINY_IMAGENET_STEP.format(root=root)}` and pass --data-dir {root}"
-                if name == "tinyimagenet" else "make DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg and pass DIR as --data-dir")
+                if name == "tinyimagenet"
+                else "make DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg and pass DIR as --data-dir")
         if name == "tinyimagenet" and not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
             root = root / "tiny-imagenet-200"  # so that --data-dir data serves every data set of a grid
         sub = root / ("val" if split == "test" else "train")
@@ -203,7 +206,8 @@ class Digits(InMemory):
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes (the MNIST format: magic 0x0000080N, N big-endian sizes, the bytes), gzipped or not."""
+    """An IDX file of unsigned bytes (the MNIST format: magic 0x0000080N, N big-endian sizes, the bytes), gzipped
+    or not."""
     import gzip
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -239,12 +243,14 @@ class FashionMNIST(InMemory):
                 raise DataError(f"fashionmnist could not be downloaded into {root} ({type(e).__name__}: {e})") from e
         images, labels = find("images"), find("labels")
         if images is None or labels is None:
-            raise DataError(f"fashionmnist not found: no {prefix}-images-idx3-ubyte(.gz) and {prefix}-labels-idx1-ubyte(.gz) "
-                            f"in {', '.join(map(str, folders))}. Pass --download (needs internet), or on Debian/Ubuntu: "
+            raise DataError(f"fashionmnist not found: no {prefix}-images-idx3-ubyte(.gz) and "
+                            f"{prefix}-labels-idx1-ubyte(.gz) in {', '.join(map(str, folders))}. "
+                            "Pass --download (needs internet), or on Debian/Ubuntu: "
                             "apt-get install dataset-fashion-mnist")
         x, y = read_idx(images), read_idx(labels)
         if x.ndim != 3 or y.shape != (len(x),):
-            raise DataError(f"{images}, {labels}: {x.shape} images with {y.shape} labels; replace them with the official files")
+            raise DataError(f"{images}, {labels}: {x.shape} images with {y.shape} labels; "
+                            "replace them with the official files")
         self.data = np.ascontiguousarray(np.repeat(x[..., None], 3, axis=-1))
         self.targets, self.transform = y.astype(np.int64).tolist(), transform
 
@@ -275,7 +281,8 @@ class ViewSpec:
 GRAYSCALE = {"digits", "fashionmnist"}
 
 
-def view_specs(crop: int, blur: tuple[float, float], min_scale: float = 0.08, grayscale: bool = False) -> tuple[ViewSpec, ViewSpec]:
+def view_specs(crop: int, blur: tuple[float, float], min_scale: float = 0.08,
+               grayscale: bool = False) -> tuple[ViewSpec, ViewSpec]:
     """METHOD.md 6: crop, flip, colour jitter (p 0.8), grayscale (p 0.2), blur; view 2 adds solarisation (p 0.2).
     grayscale: only the jitter's brightness and contrast, which are all of it that acts on a gray image."""
     colour = dict(jitter=(0.4, 0.4, 0.0, 0.0), gray_p=0.0) if grayscale else {}
@@ -402,7 +409,8 @@ def _shift_hue(x, shift):
     s = torch.where(v > 0, delta / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
     # HSV -> RGB in closed form, all three channels at once: c = v - v s clamp(min(k, 4 - k), 0, 1)
     # with k = (n + 6 h) mod 6 and n = 5, 3, 1 for red, green, blue.
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[:, None, None] + 6 * (h + shift[:, None, None]).unsqueeze(1)) % 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[:, None, None]
+         + 6 * (h + shift[:, None, None]).unsqueeze(1)) % 6
     return v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 

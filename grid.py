@@ -69,7 +69,8 @@ ABLATIONS = ("no-predictor", "no-stop-grad")  # SimSiam's (METHOD.md section 1):
 # row, with and without EMA; BYOL, SimSiam (and so their ablations) keep its configs' 1e-5. The figures keep 1e-5.
 CLOSED_FORM_ROWS = ("directpred", "directcopy", "isoloss", "isoloss-directcopy")
 TABLE1_WEIGHT_DECAY = {row: 1e-4 if row in CLOSED_FORM_ROWS else 1e-5 for row in ROWS}
-Row = Literal["mlp", "directpred", "directcopy", "isoloss", "isoloss-directcopy", "no-predictor", "no-stop-grad", "linear"]
+Row = Literal["mlp", "directpred", "directcopy", "isoloss", "isoloss-directcopy", "no-predictor", "no-stop-grad",
+              "linear"]
 Dataset = Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "fashionmnist", "digits"]
 # Images a pretraining epoch draws from ('pretrain' split: STL-10's train + unlabeled) and classes.
 TRAIN_IMAGES = {"cifar10": (50_000, 10), "cifar100": (50_000, 100), "stl10": (105_000, 10),
@@ -116,7 +117,8 @@ class Args:
     results_dir: str = ""
     """where grid.md, grid.json and knn.png go (default results/DATASETS-SCALE)"""
     dry_run: bool = False
-    """print the runs, their commands and the estimated time (with --slurm: the jobs and the sbatch script), then stop"""
+    """print the runs, their commands and the estimated time (with --slurm: the jobs and the sbatch script),
+    then stop"""
     time_steps: int = 2
     """training steps timed per configuration for the estimate (0: no timing here)"""
     collect: bool = False
@@ -155,8 +157,8 @@ def train_command(row: str, ema: bool, scale: str, dataset: str, data_dir: str, 
 
 
 def eval_command(run_dir: Path, dataset: str, data_dir: str) -> list[str]:
-    return ["linear_eval.py", "--checkpoint", str(run_dir / "backbone.pt"), "--dataset", dataset, "--data-dir", data_dir,
-            "--num-workers", "0"]
+    return ["linear_eval.py", "--checkpoint", str(run_dir / "backbone.pt"), "--dataset", dataset,
+            "--data-dir", data_dir, "--num-workers", "0"]
 
 
 def plan(args: Args) -> list[dict]:
@@ -212,11 +214,11 @@ def slot_cores(n: int) -> list[list[int]]:
 
 def fetch_data(datasets, data_dir: str) -> None:
     """The data step, once before any run starts, so that runs starting together never download side by side."""
-    import data as D
+    import data
     for dataset in datasets:
         try:
-            D.fetch(dataset, data_dir)
-        except D.DataError as e:
+            data.fetch(dataset, data_dir)
+        except data.DataError as e:
             raise SystemExit(f"error: {e}") from None
         print(f"data: {dataset} ready in {data_dir}", flush=True)
 
@@ -235,7 +237,8 @@ def execute(todo: list[dict], envs: list[dict], gpus_per_run: int = 1, keep_goin
     cores = slot_cores(len(envs))
 
     def start(job):
-        job["proc"] = subprocess.Popen(launch(job["queue"].pop(0), gpus_per_run), cwd=REPO, env={**os.environ, **envs[job["slot"]]},
+        job["proc"] = subprocess.Popen(launch(job["queue"].pop(0), gpus_per_run), cwd=REPO,
+                                       env={**os.environ, **envs[job["slot"]]},
                                        stdout=job["log"], stderr=subprocess.STDOUT,
                                        preexec_fn=functools.partial(_child_setup, cores[job["slot"]]))
 
@@ -243,8 +246,8 @@ def execute(todo: list[dict], envs: list[dict], gpus_per_run: int = 1, keep_goin
         while pending and free:
             job = pending.pop(0)
             job["dir"].mkdir(parents=True, exist_ok=True)
-            job["log"], job["start"], job["queue"], job["slot"] = open(job["dir"] / "log.txt", "a"), time.perf_counter(), \
-                list(job["cmds"]), free.pop(0)
+            job["log"], job["start"], job["queue"], job["slot"] = (
+                open(job["dir"] / "log.txt", "a"), time.perf_counter(), list(job["cmds"]), free.pop(0))
             start(job)
             running.append(job)
         time.sleep(0.5)
@@ -254,8 +257,8 @@ def execute(todo: list[dict], envs: list[dict], gpus_per_run: int = 1, keep_goin
                 print(f"  failed: {job['dir'].name}: {job['failed']}", flush=True)
             elif job["proc"].returncode != 0:
                 tail = (job["dir"] / "log.txt").read_text().splitlines()[-5:]
-                raise SystemExit(f"error: {' '.join(map(str, job['proc'].args))} failed (log: {job['dir'] / 'log.txt'}):\n"
-                                 + "\n".join(tail))
+                raise SystemExit(f"error: {' '.join(map(str, job['proc'].args))} failed "
+                                 f"(log: {job['dir'] / 'log.txt'}):\n" + "\n".join(tail))
             if job["queue"]:
                 start(job)
                 continue
@@ -265,7 +268,8 @@ def execute(todo: list[dict], envs: list[dict], gpus_per_run: int = 1, keep_goin
             done += 1
             rate = (time.perf_counter() - t0) / done
             print(f"  {done:>3}/{len(todo)}  {job['dir'].parent.name}/{job['dir'].name:<34} "
-                  f"{time.perf_counter() - job['start']:7.1f} s   ETA {rate * (len(todo) - done) / 60:6.1f} min", flush=True)
+                  f"{time.perf_counter() - job['start']:7.1f} s   ETA {rate * (len(todo) - done) / 60:6.1f} min",
+                  flush=True)
 
 
 def evaluate_random_init(folder: Path, seed: int, width: float, crop: int, **linear_eval_args) -> dict:
@@ -297,10 +301,10 @@ def step_cost(script: str, s, repeats: int) -> tuple[float | None, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     import common
-    import data as D
+    import data
     module = importlib.import_module(script.removesuffix(".py"))
     device = common.pick_device("auto")
-    crop, n_classes = s.crop or D.CROP_SIZE[s.dataset], TRAIN_IMAGES[s.dataset][1]
+    crop, n_classes = s.crop or data.CROP_SIZE[s.dataset], TRAIN_IMAGES[s.dataset][1]
     torch.manual_seed(0)
     learner = module.Learner(s, n_classes, common.uses_small_stem(crop)).to(device)
     optimizer, scaler = module.make_optimizer(s, learner), torch.amp.GradScaler(device.type, enabled=False)
@@ -309,8 +313,8 @@ def step_cost(script: str, s, repeats: int) -> tuple[float | None, float]:
 
     def step(batch):
         x1, x2 = (torch.randn(batch, 3, crop, crop, device=device) for _ in range(2))
-        module.train_step(learner, learner, optimizer, scaler, x1, x2, torch.randint(0, n_classes, (batch,), device=device),
-                          autocast, *ema)
+        module.train_step(learner, learner, optimizer, scaler, x1, x2,
+                          torch.randint(0, n_classes, (batch,), device=device), autocast, *ema)
 
     with FlopCounterMode(display=False) as counter:  # at batch 4, then scaled: the convolutions are linear in the batch
         step(4)
@@ -318,7 +322,8 @@ def step_cost(script: str, s, repeats: int) -> tuple[float | None, float]:
     if not repeats:
         return None, flops
     cuda = device.type == "cuda"
-    batch = s.batch_size if cuda else min(s.batch_size, 32)  # a CPU's time is linear in the batch: time less, then scale
+    # a CPU's time is linear in the batch: time less, then scale
+    batch = s.batch_size if cuda else min(s.batch_size, 32)
     if cuda:
         step(batch)  # warm-up: cuDNN picks its kernels
         torch.cuda.synchronize()
@@ -336,26 +341,27 @@ def view_seconds(s, path: str, repeats: int) -> float:
     import torch
     from PIL import Image
     import common
-    import data as D
+    import data
     if not repeats:
         return s.batch_size / LOADER_PAIRS_PER_S if path == "loader" else 0.0
-    size, crop = D.CROP_SIZE[s.dataset], s.crop or D.CROP_SIZE[s.dataset]
+    size, crop = data.CROP_SIZE[s.dataset], s.crop or data.CROP_SIZE[s.dataset]
     blur = s.blur or ((1.0, 0.1) if s.dataset in ("stl10", "imagefolder") else (0.0, 0.0))
-    specs = D.view_specs(crop, blur, s.min_scale, grayscale=s.dataset in D.GRAYSCALE)
+    specs = data.view_specs(crop, blur, s.min_scale, grayscale=s.dataset in data.GRAYSCALE)
     n = min(s.batch_size, 32)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     t = time.perf_counter()
     if path == "loader":
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a loader worker is one process on one core
-        views = D.TwoViews([(Image.fromarray(x.permute(1, 2, 0).numpy()), 0) for x in images],
-                           tuple(map(D.pil_view, specs)), 0)
+        views = data.TwoViews([(Image.fromarray(x.permute(1, 2, 0).numpy()), 0) for x in images],
+                              tuple(map(data.pil_view, specs)), 0)
         t = time.perf_counter()
         [views[(0, i)] for i in range(n)]
         torch.set_num_threads(threads)
     else:
         device = common.pick_device("auto")
-        list(D.device_views(images.to(device), torch.zeros(n, device=device), specs, [[(0, i) for i in range(n)]], 0))
+        list(data.device_views(images.to(device), torch.zeros(n, device=device), specs,
+                               [[(0, i) for i in range(n)]], 0))
         torch.cuda.synchronize() if device.type == "cuda" else None
     return (time.perf_counter() - t) * s.batch_size / n
 
@@ -381,7 +387,7 @@ def estimate(jobs: list[dict], args: Args) -> tuple[str, float]:
     text and the H200 hours still to run."""
     import torch
     import common
-    import data as D
+    import data
     import train_byol as Tb
     envs, threads = slots(args.gpus, args.gpus_per_run, args.jobs), torch.get_num_threads()
     cores = len(slot_cores(len(envs))[0]) or max(1, (os.cpu_count() or 1) // len(envs))
@@ -393,9 +399,11 @@ def estimate(jobs: list[dict], args: Args) -> tuple[str, float]:
         for job in jobs:
             script, s = job["cmds"][0][0], run_settings(job)
             workers = s.num_workers if s.num_workers is not None else max(0, cores // args.gpus_per_run - 1)
-            here_path, gpu_path = D.views_on(s.augment_on, s.dataset, cuda_here), D.views_on(s.augment_on, s.dataset, True)
+            here_path, gpu_path = (data.views_on(s.augment_on, s.dataset, cuda_here),
+                                   data.views_on(s.augment_on, s.dataset, True))
             # the backbone's cost decides: one timing per script and model size, whatever the predictor
-            key = (script, s.dataset, s.crop, s.width, s.batch_size, s.proj_hidden, s.proj_dim, s.pred_hidden, here_path)
+            key = (script, s.dataset, s.crop, s.width, s.batch_size, s.proj_hidden, s.proj_dim, s.pred_hidden,
+                   here_path)
             if key not in costs:
                 costs[key] = *step_cost(script, s, args.time_steps), view_seconds(s, here_path, args.time_steps)
             here, flops, views = costs[key]
@@ -421,9 +429,11 @@ def estimate(jobs: list[dict], args: Args) -> tuple[str, float]:
         f"training still to run: here {'(not timed)' if not args.time_steps else hours(here_total / len(envs))} "
         f"({args.time_steps} timed steps per configuration, {len(envs)} run(s) at a time)"
         + (f"; on one H200 {hours(sum(h200_total.values()))} ("
-           + ", ".join(f"{d} {hours(t)}" for d, t in h200_total.items()) + f"; from its measured {1e3 * H200_STEP_S:.0f} ms "
-           f"per BYOL step on CIFAR-10 at batch {Tb.PRESETS['byol'][1].batch_size}, scaled by FLOPs; device views there "
-           f"are not counted, the PIL path at {LOADER_PAIRS_PER_S} pairs/s per loader worker)" if paper else "")
+           + ", ".join(f"{d} {hours(t)}" for d, t in h200_total.items())
+           + f"; from its measured {1e3 * H200_STEP_S:.0f} ms "
+           f"per BYOL step on CIFAR-10 at batch {Tb.PRESETS['byol'][1].batch_size}, scaled by FLOPs; "
+           f"device views there are not counted, the PIL path at {LOADER_PAIRS_PER_S} pairs/s per loader worker)"
+           if paper else "")
         + ". Evaluation, checkpoints and linear_eval.py add to it (6-11% of each epoch in the laptop runs)."]), \
         sum(h200_total.values()) / 3600
 
@@ -433,7 +443,8 @@ def machine_line(gpus: str, per_run: int, jobs: int) -> str:
     import common
     at_once = f"{len(slots(gpus, per_run, jobs))} run(s) at a time"
     if gpus:
-        return f"GPUs {gpus} ({torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA here'}), {at_once}"
+        return (f"GPUs {gpus} ({torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA here'}), "
+                f"{at_once}")
     return f"{common.cpu_info()[0]}, {at_once}"
 
 
@@ -446,9 +457,9 @@ def hours(seconds: float) -> str:
 
 def collect(job: dict) -> dict:
     """A finished run's numbers: linear_eval.json, and from metrics.jsonl the last evaluation and the last epoch."""
-    import rundir as R
+    import rundir
     lin = json.loads((job["dir"] / "linear_eval.json").read_text())
-    records = R.read_metrics(job["dir"] / "metrics.jsonl")
+    records = rundir.read_metrics(job["dir"] / "metrics.jsonl")
     config = json.loads((job["dir"] / "config.json").read_text())
     last, evaluated = records[-1], [r for r in records if r.get("knn_top1") is not None]
     return dict(row=job["row"], target=job["target"], dataset=job["dataset"], seed=job["seed"], run=job["dir"].name,
@@ -456,7 +467,8 @@ def collect(job: dict) -> dict:
                 online=evaluated[-1]["online_readout_top1"] if evaluated else None,
                 linear=100 * lin["offline_linear"]["top1"], knn=100 * lin["knn"]["results"]["k=20"]["top1"],
                 std=last["std_normalized_z"], healthy_std=1 / math.sqrt(len(last["eigenvalues"])),
-                erank_z=evaluated[-1]["erank_z"] if evaluated else None, mean_share_z=evaluated[-1]["mean_share_z"] if evaluated else None,
+                erank_z=evaluated[-1]["erank_z"] if evaluated else None,
+                mean_share_z=evaluated[-1]["mean_share_z"] if evaluated else None,
                 collapse_warning=last["collapse_warning"], train_s=last["wall_time_s"],
                 not_steps=1 - sum(r["train_s"] for r in records) / sum(r["epoch_s"] for r in records),
                 knn_by_step=[[r["step"], r["knn_top1"]] for r in evaluated], provenance=config.get("provenance"))
@@ -485,7 +497,8 @@ def table(results: list[dict], refs: dict, args: Args, header: str) -> str:
     out = [header]
     targets = [t for t in ("ema", "no-ema") if t in args.targets]
     for dataset in args.dataset:
-        cols = [f"{'with' if t == 'ema' else 'without'} EMA: {m}" for t in targets for m in ("online", "linear", "k-NN")]
+        cols = [f"{'with' if t == 'ema' else 'without'} EMA: {m}"
+                for t in targets for m in ("online", "linear", "k-NN")]
         published = any(k[2] == dataset for k in PUBLISHED)
         out += ["", f"**{dataset}** (top-1 %, test split)", "",
                 "| method | " + " | ".join(cols) + (" | published (online) |" if published else " |"),
@@ -495,7 +508,8 @@ def table(results: list[dict], refs: dict, args: Args, header: str) -> str:
             for t in targets:
                 rs = [r for r in results if (r["row"], r["target"], r["dataset"]) == (row, t, dataset)]
                 cells += [summary([r[k] for r in rs]) for k in ("online", "linear", "knn")]
-            ref = " / ".join(f"{PUBLISHED[(row, t, dataset)]:.1f}" if (row, t, dataset) in PUBLISHED else "-" for t in targets)
+            ref = " / ".join(f"{PUBLISHED[(row, t, dataset)]:.1f}" if (row, t, dataset) in PUBLISHED else "-"
+                             for t in targets)
             out.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + (f" | {ref} |" if published else " |"))
         init = [refs[(dataset, s)] for s in args.seeds if (dataset, s) in refs]
         init_cells = ["-", summary([100 * r["offline_linear"]["top1"] for r in init]),
@@ -504,12 +518,14 @@ def table(results: list[dict], refs: dict, args: Args, header: str) -> str:
     if any(k[2] in args.dataset for k in PUBLISHED):
         out += ["", f"Published: {PUBLISHED_SOURCE}; with / without EMA (BYOL / SimSiam)."]
     out += ["", "Every run (last epoch; online readout, eff. rank and mean share at the last evaluation):", "",
-            "| run | steps | std(z/\\|z\\|) | eff. rank z | mean share of z | collapse warning | not training steps | train time |",
+            "| run | steps | std(z/\\|z\\|) | eff. rank z | mean share of z | collapse warning "
+            "| not training steps | train time |",
             "|" + "---|" * 8]
     for r in results:
         fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
         kept = f" (kept from the table of {r['kept_from']})" if r.get("kept_from") else ""
-        out.append(f"| {r['dataset']}/`{r['run']}`{kept} | {r['step']} | {r['std']:.3f} | {fmt(r['erank_z'], '{:.1f}')} | "
+        out.append(f"| {r['dataset']}/`{r['run']}`{kept} | {r['step']} | {r['std']:.3f} | "
+                   f"{fmt(r['erank_z'], '{:.1f}')} | "
                    f"{fmt(r['mean_share_z'], '{:.2f}')} | {'yes' if r['collapse_warning'] else 'no'} | "
                    f"{100 * r['not_steps']:.0f}% | {hours(r['train_s'])} |")
     healthy = sorted({f"{r['healthy_std']:.3f}" for r in results})
@@ -527,15 +543,17 @@ def figure(results: list[dict], args: Args, path: Path, title: str) -> None:
     for i, dataset in enumerate(args.dataset):
         for ax, target in zip(axes[i], targets):
             for j, row in enumerate(args.rows):
-                rs = [r for r in results if (r["row"], r["target"], r["dataset"]) == (row, target, dataset) and r["knn_by_step"]]
+                rs = [r for r in results
+                      if (r["row"], r["target"], r["dataset"]) == (row, target, dataset) and r["knn_by_step"]]
                 if not rs:
                     continue
                 steps = np.array([s for s, _ in rs[0]["knn_by_step"]])
                 curves = np.array([[k for _, k in r["knn_by_step"]] for r in rs if len(r["knn_by_step"]) == len(steps)])
                 ax.plot(steps, curves.mean(0), "o-", ms=3, color=f"C{j}", label=ROWS[row][0])
                 ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{j}", alpha=0.15)
-            ax.set(xlabel="step", ylabel="k-NN top-1 (%)", title=f"{dataset}, {'with' if target == 'ema' else 'without'} "
-                   f"EMA target ({'train_byol.py' if target == 'ema' else 'train_simsiam.py'})")
+            ax.set(xlabel="step", ylabel="k-NN top-1 (%)",
+                   title=f"{dataset}, {'with' if target == 'ema' else 'without'} "
+                         f"EMA target ({'train_byol.py' if target == 'ema' else 'train_simsiam.py'})")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
@@ -549,8 +567,8 @@ def main(args: Args) -> list[dict]:
     if args.jobs < 1 or not args.seeds or not args.dataset or (args.epochs is not None and args.epochs < 1):
         raise SystemExit("error: --jobs and --epochs must be >= 1, and --seeds and --dataset must name at least one")
     import common
-    import data as D
-    import rundir as R
+    import data
+    import rundir
     scale, jobs, envs = scale_of(args), plan(args), slots(args.gpus, args.gpus_per_run, args.jobs)
     results_dir = Path(args.results_dir or f"results/{'+'.join(args.dataset)}-{scale}")
     if args.download and not args.dry_run:
@@ -578,10 +596,11 @@ def main(args: Args) -> list[dict]:
     for dataset in args.dataset:
         for seed in args.seeds:
             s = run_settings(next(j for j in jobs if (j["dataset"], j["seed"]) == (dataset, seed)))
-            refs[(dataset, seed)] = evaluate_random_init(Path(args.runs_dir) / f"{dataset}-{scale}" / f"random-init-s{seed}",
-                                                         seed, s.width, s.crop or D.CROP_SIZE[dataset], dataset=dataset,
-                                                         data_dir=args.data_dir)
-    command = " ".join(["python grid.py", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "grid.py" else f"grid.main({args})"
+            refs[(dataset, seed)] = evaluate_random_init(
+                Path(args.runs_dir) / f"{dataset}-{scale}" / f"random-init-s{seed}",
+                seed, s.width, s.crop or data.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
+    command = (" ".join(["python grid.py", *map(shlex.quote, sys.argv[1:])]) if Path(sys.argv[0]).name == "grid.py"
+               else f"grid.main({args})")
     when = time.strftime("%Y-%m-%d")
     header = (f"`{command}`: {len(args.seeds)} seed(s) per row, on {machine}, {when}"
               + (f" (epochs overridden: {args.epochs})" if args.epochs else "") + ".")
@@ -589,9 +608,10 @@ def main(args: Args) -> list[dict]:
     text = table(results, refs, args, header)
     common.atomic_write_text(results_dir / "grid.md", text + "\n")
     common.atomic_write_text(results_dir / "grid.json", json.dumps(dict(
-        command=command, date=when, machine=machine, scale=scale, args=asdict(args), minutes=(time.perf_counter() - t0) / 60,
-        provenance=R.provenance(), runs=results,
-        random_init=[dict(dataset=d, seed=s, linear=100 * r["offline_linear"]["top1"], knn=100 * r["knn"]["results"]["k=20"]["top1"])
+        command=command, date=when, machine=machine, scale=scale, args=asdict(args),
+        minutes=(time.perf_counter() - t0) / 60, provenance=rundir.provenance(), runs=results,
+        random_init=[dict(dataset=d, seed=s, linear=100 * r["offline_linear"]["top1"],
+                          knn=100 * r["knn"]["results"]["k=20"]["top1"])
                      for (d, s), r in refs.items()]), indent=1) + "\n")
     figure(results, args, results_dir / "knn.png", "k-NN monitor during training (10,000 train images as the bank, "
            f"so below linear_eval.py's k-NN in the table): {header.strip('.')}")

@@ -71,7 +71,8 @@ from data import CROP_SIZE, DataError  # noqa: E402
 class Args:
     checkpoint: str
     """backbone to evaluate: RUN/backbone.pt, RUN/last.pt, or a torchvision resnet18 state_dict"""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits", "fashionmnist"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits",
+                     "fashionmnist"] = "cifar10"
     """labelled data set: its train split fits the classifier, its test split is reported"""
     data_dir: str = "data"
     """root of the data set (as in the training scripts; imagefolder: DIR with train/ and val/)"""
@@ -90,7 +91,8 @@ class Args:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """autocast dtype of the backbone on CUDA (features are stored in float32; CPU always float32)"""
     crop: int | None = None
-    """resize and centre-crop size (None: the crop the backbone was trained at, from backbone.json beside the checkpoint, else the data set's native size)"""
+    """resize and centre-crop size (None: the crop the backbone was trained at, from backbone.json beside the
+    checkpoint, else the data set's native size)"""
 
     classifier: Literal["lbfgs", "sgd"] = "lbfgs"
     """lbfgs: full-batch L-BFGS on the cached features; sgd: minibatch SGD (momentum 0.9, cosine lr)"""
@@ -105,7 +107,8 @@ class Args:
     epochs: int = 100
     """SGD epochs per fit (passes over the cached features, or over the images with --augment)"""
     augment: bool = False
-    """classic protocol: the final fit runs the frozen backbone on random-resized-crop + flip views every epoch (needs --classifier sgd; the sweep still runs on the cached features, to stay affordable)"""
+    """classic protocol: the final fit runs the frozen backbone on random-resized-crop + flip views every epoch
+    (needs --classifier sgd; the sweep still runs on the cached features, to stay affordable)"""
     knn_k: tuple[int, ...] = (20, 200)
     """neighbour counts of the k-NN evaluation"""
     knn_temperature: float = 0.07
@@ -169,7 +172,8 @@ def _architecture_hint(keys) -> str:
 def _diagnose(path: Path, obj: dict) -> str:
     keys = _all_tensor_keys(obj)
     if not keys:
-        return f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:6]))}); not a backbone checkpoint"
+        return (f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:6]))}); "
+                "not a backbone checkpoint")
     if hint := _architecture_hint(keys):
         return f"{path}: is {hint}; this script evaluates ResNet-18 backbones"
     return (f"{path}: holds no ResNet-18 state_dict (no conv1.weight with layer4.1.bn2.weight beside it; "
@@ -454,7 +458,8 @@ def augment_transform(crop: int):
 
 def print_table(result: dict) -> None:
     lin = result["offline_linear"]
-    chosen = f"wd {lin['chosen']['wd']:g}" + (f", lr {lin['chosen']['lr']:g}" if lin["chosen"]["lr"] is not None else "")
+    chosen = f"wd {lin['chosen']['wd']:g}" + (f", lr {lin['chosen']['lr']:g}"
+                                              if lin["chosen"]["lr"] is not None else "")
     rows = [("offline_linear", lin["top1"], lin["top5"],
              f"{lin['classifier']}{' +augment' if lin['augment'] else ''}, {chosen} "
              f"(held-out train top-1 {100 * lin['chosen']['val_top1']:.1f})")]
@@ -477,11 +482,14 @@ def main(args: Args) -> dict:
 def evaluate(args: Args) -> dict:
     t_start = time.perf_counter()
     for bad, message in (
-        (args.augment and args.classifier != "sgd", "--augment trains by minibatch SGD through the backbone: add --classifier sgd"),
+        (args.augment and args.classifier != "sgd",
+         "--augment trains by minibatch SGD through the backbone: add --classifier sgd"),
         (not 0 < args.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {args.val_fraction}"),
         (not args.wds or min(args.wds) < 0, f"--wds needs one or more weight decays >= 0, got {args.wds}"),
-        (args.classifier == "sgd" and (not args.lrs or min(args.lrs) <= 0), f"--lrs needs one or more rates > 0, got {args.lrs}"),
-        (args.epochs < 1 or args.lbfgs_iters < 1 or args.batch_size < 1, "--epochs, --lbfgs-iters and --batch-size must be >= 1"),
+        (args.classifier == "sgd" and (not args.lrs or min(args.lrs) <= 0),
+         f"--lrs needs one or more rates > 0, got {args.lrs}"),
+        (args.epochs < 1 or args.lbfgs_iters < 1 or args.batch_size < 1,
+         "--epochs, --lbfgs-iters and --batch-size must be >= 1"),
         (min(args.knn_k, default=1) < 1 or args.knn_temperature <= 0, "--knn-k must be >= 1 and --knn-temperature > 0"),
     ):
         if bad:
@@ -493,9 +501,11 @@ def evaluate(args: Args) -> dict:
     checkpoint = Path(args.checkpoint)
     out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent
     trained = checkpoint.parent / "backbone.json"  # what the training scripts write beside backbone.pt and last.pt
-    crop = args.crop or (json.loads(trained.read_text()).get("crop") if trained.is_file() else None) or CROP_SIZE[args.dataset]
+    crop = (args.crop or (json.loads(trained.read_text()).get("crop") if trained.is_file() else None)
+            or CROP_SIZE[args.dataset])
     if args.dataset != "imagefolder" and crop > CROP_SIZE[args.dataset]:
-        die(f"--crop {crop} is larger than the {CROP_SIZE[args.dataset]}x{CROP_SIZE[args.dataset]} images of {args.dataset}")
+        die(f"--crop {crop} is larger than the {CROP_SIZE[args.dataset]}x{CROP_SIZE[args.dataset]} images "
+            f"of {args.dataset}")
 
     # Everything that can fail on bad input fails here, before anything is written.
     try:
@@ -516,7 +526,8 @@ def evaluate(args: Args) -> dict:
     backbone = freeze(backbone.to(device))
     reference = state_hash(backbone)
     t0 = time.perf_counter()
-    train_x, train_y = cached_features(backbone, reference, train_set, args.dataset, "train", crop, out_dir, device, args)
+    train_x, train_y = cached_features(backbone, reference, train_set, args.dataset, "train", crop, out_dir, device,
+                                       args)
     test_x, test_y = cached_features(backbone, reference, test_set, args.dataset, "test", crop, out_dir, device, args)
     t_features = time.perf_counter() - t0
     train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))

@@ -87,7 +87,8 @@ class Args:
     """which figures to run and draw (ablations: SimSiam without predictor / stop-gradient, for comparison; euclidean:
     the Euclidean loss without the EMA target)"""
     scale: Literal["laptop", "paper"] = "laptop"
-    """laptop: the `laptop` preset of each script (Fashion-MNIST, minutes a run on 2 cores); paper: the paper's settings"""
+    """laptop: the `laptop` preset of each script (Fashion-MNIST, minutes a run on 2 cores); paper: the paper's
+    settings"""
     dataset: str = ""
     """data set of the runs (default: fashionmnist for the laptop, cifar10 for the paper)"""
     data_dir: str = "data"
@@ -127,7 +128,8 @@ def plan(args: Args) -> tuple[Path, str, list[dict]]:
                 continue
             seen.add(name)
             extra = (f"--epochs {epochs} " if epochs else "") + args.train_args  # the user's options come last
-            train = train_command(method, ema, args.scale, dataset, args.data_dir, out / name, args.seed, loss, wd, extra, raw)
+            train = train_command(method, ema, args.scale, dataset, args.data_dir, out / name, args.seed, loss, wd,
+                                  extra, raw)
             jobs.append(dict(name=name, method=method, loss=loss, ema=ema, wd=wd, raw=raw, dir=out / name,
                              cmds=[train, eval_command(out / name, dataset, args.data_dir)]))
     return out, dataset, jobs
@@ -135,10 +137,10 @@ def plan(args: Args) -> tuple[Path, str, list[dict]]:
 
 def random_init(out: Path, dataset: str, job: dict, args: Args) -> dict:
     """linear_eval.py on the backbone the runs start from (once; kept in out/random-init-sSEED, as grid.py's)."""
-    import data as D
+    import data
     config = json.loads((job["dir"] / "config.json").read_text())
     return evaluate_random_init(out / f"random-init-s{args.seed}", config["seed"], config["width"],
-                                config["crop"] or D.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
+                                config["crop"] or data.CROP_SIZE[dataset], dataset=dataset, data_dir=args.data_dir)
 
 
 def near_top(eigenvalues: list[float], factor: float = 10.0) -> int:
@@ -149,8 +151,8 @@ def near_top(eigenvalues: list[float], factor: float = 10.0) -> int:
 
 def collect(job: dict) -> dict | None:
     """A run's numbers, or None before its first epoch; linear_eval.py's once it has run."""
-    import rundir as R
-    records = R.read_metrics(job["dir"] / "metrics.jsonl")
+    import rundir
+    records = rundir.read_metrics(job["dir"] / "metrics.jsonl")
     failed = job["dir"] / "failed.txt"
     failed = failed.read_text().strip() if failed.exists() else None
     if not records and not failed:
@@ -158,8 +160,9 @@ def collect(job: dict) -> dict | None:
     run = dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
                raw_spectrum=job["raw"], command="python " + shlex.join(job["cmds"][0]))
     if not records:  # stopped by a fault within its first epoch: the fault is the result
-        return dict(run, step=None, epochs=0, knn=None, linear=None, std=None, mean_share_z=None, collapse_warning=False,
-                    near_top=None, near_top_by_step=[], knn_monitor=[], spectrum=[], wall_time_s=None, failed=failed)
+        return dict(run, step=None, epochs=0, knn=None, linear=None, std=None, mean_share_z=None,
+                    collapse_warning=False, near_top=None, near_top_by_step=[], knn_monitor=[], spectrum=[],
+                    wall_time_s=None, failed=failed)
     last = records[-1]
     lin = job["dir"] / "linear_eval.json"
     lin = json.loads(lin.read_text()) if lin.exists() else None
@@ -167,13 +170,14 @@ def collect(job: dict) -> dict | None:
                 knn=None if lin is None else 100 * lin["knn"]["results"]["k=20"]["top1"],
                 linear=None if lin is None else 100 * lin["offline_linear"]["top1"],
                 std=last["std_normalized_z"], healthy_std=1 / math.sqrt(len(last["eigenvalues"])),
-                mean_share_z=next((r["mean_share_z"] for r in reversed(records) if r.get("mean_share_z") is not None), None),
+                mean_share_z=next((r["mean_share_z"] for r in reversed(records) if r.get("mean_share_z") is not None),
+                                  None),
                 collapse_warning=last["collapse_warning"], near_top=near_top(last["eigenvalues"]),
                 near_top_by_step=[[r["step"], near_top(r["eigenvalues"])] for r in records],
                 knn_monitor=[[r["step"], r["knn_top1"]] for r in records if r.get("knn_top1") is not None],
                 probe_monitor=[[r["step"], r["probe_top1"]] for r in records if r.get("probe_top1") is not None],
-                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"], failed=failed,
-                **alignment(records))
+                spectrum=[[r["step"], r["eigenvalues"]] for r in records], wall_time_s=last["wall_time_s"],
+                failed=failed, **alignment(records))
 
 
 def alignment(records: list[dict]) -> dict:
@@ -195,13 +199,15 @@ def fault(r: dict) -> str:
 
 
 def table(results: dict, ref: dict | None, header: str) -> str:
-    rows = ["| run | steps | k-NN top-1 | linear top-1 | std(z/\\|z\\|) | mean share of z | eigenvalues within 10x of the largest | collapse warning | train time (s) |",
+    rows = ["| run | steps | k-NN top-1 | linear top-1 | std(z/\\|z\\|) | mean share of z "
+            "| eigenvalues within 10x of the largest | collapse warning | train time (s) |",
             "|" + "---|" * 9]
     fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in results.values():
         rows.append(f"| `{r['name']}`{' (stopped: ' + fault(r) + ')' if r['failed'] else ''} "
                     f"| {fmt(r['step'], '{}')} | {fmt(r['knn'])} | {fmt(r['linear'])} | {fmt(r['std'], '{:.3f}')} | "
-                    f"{fmt(r['mean_share_z'], '{:.2f}')} | {fmt(r['near_top'], '{}')} | {'yes' if r['collapse_warning'] else 'no'} | "
+                    f"{fmt(r['mean_share_z'], '{:.2f}')} | {fmt(r['near_top'], '{}')} | "
+                    f"{'yes' if r['collapse_warning'] else 'no'} | "
                     f"{fmt(r['wall_time_s'], '{:.0f}')} |")
     if ref is not None:
         rows.append(f"| random init (same backbone) | 0 | {100 * ref['knn']['results']['k=20']['top1']:.1f} | "
@@ -210,7 +216,8 @@ def table(results: dict, ref: dict | None, header: str) -> str:
                f"by step {next(s for s, c in r['aligned_by_step'] if c == max(n for _, n in r['aligned_by_step']))}"
                for r in results.values() if r.get("aligned") is not None]
     if aligned:  # Fig. 4's number
-        rows += ["", "Eigenvectors of C whose alignment cos(u, W u) with the learnable predictor W exceeds 0.9:", *aligned]
+        rows += ["", "Eigenvectors of C whose alignment cos(u, W u) with the learnable predictor W exceeds 0.9:",
+                 *aligned]
     return "\n".join([header, "", *rows])
 
 
@@ -230,10 +237,12 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0, ref:
                  run_name("directpred", ema=False, seed=seed)]]
         labels = [["IsoLoss, with the EMA target", "IsoLoss, without (SimSiam-style)", "DirectPred, without"]]
     elif figure == "long":
-        grid = [[run_name(m, ema=ema, seed=seed, epochs=FIGURE_EPOCHS[figure]) for m, _, ema, _, _ in figure_runs(figure)]]
+        grid = [[run_name(m, ema=ema, seed=seed, epochs=FIGURE_EPOCHS[figure])
+                 for m, _, ema, _, _ in figure_runs(figure)]]
         labels = [["IsoLoss, with the EMA target", "DirectPred, with", "IsoLoss, without"]]
     elif figure == "euclidean":
-        grid = [[run_name(m, "euclidean", False, seed=seed, raw=raw) for m in ("directpred", "isoloss")] for raw in (False, True)]
+        grid = [[run_name(m, "euclidean", False, seed=seed, raw=raw) for m in ("directpred", "isoloss")]
+                for raw in (False, True)]
         labels = [[f"{ROWS[m][0]}, {spectrum}" for m in ("directpred", "isoloss")]
                   for spectrum in ("W_P from s / max(s)", "W_P from s itself")]
     elif figure == "ablations":
@@ -265,7 +274,8 @@ def draw(figure: str, results: dict, path: Path, title: str, seed: int = 0, ref:
             for key, style in (("knn_monitor", "o-"), ("probe_monitor", "s--")):
                 if results.get(name) and results[name].get(key):
                     steps, top1 = zip(*results[name][key])
-                    ax.plot(steps, top1, style, ms=3, color=f"C{j}", label=labels[i][j] if key == "knn_monitor" else None)
+                    ax.plot(steps, top1, style, ms=3, color=f"C{j}",
+                            label=labels[i][j] if key == "knn_monitor" else None)
         if ref is not None:  # linear_eval.py's numbers: all 60,000 train images, so not the monitors' bank of 10,000
             for value, style, what in ((ref["knn"]["results"]["k=20"]["top1"], ":", "k-NN"),
                                        (ref["offline_linear"]["top1"], "-.", "linear")):
@@ -316,9 +326,10 @@ def main(args: Args) -> dict:
         return {}
     if not args.draw_only:
         # A run that stopped on a fault (a divergence, say) is a result: kept in failed.txt and not run again.
-        todo = [j for j in jobs if not (j["dir"] / "linear_eval.json").exists() and not (j["dir"] / "failed.txt").exists()]
-        print(f"paper figures {', '.join(args.figures)}: {len(jobs)} runs ({len(jobs) - len(todo)} done or stopped already), "
-              f"on {machine} -> {results_dir}", flush=True)
+        todo = [j for j in jobs
+                if not (j["dir"] / "linear_eval.json").exists() and not (j["dir"] / "failed.txt").exists()]
+        print(f"paper figures {', '.join(args.figures)}: {len(jobs)} runs "
+              f"({len(jobs) - len(todo)} done or stopped already), on {machine} -> {results_dir}", flush=True)
         execute(todo, slots(args.gpus, 1, args.jobs), keep_going=True)
         for job in todo:
             if job.get("failed"):
@@ -345,17 +356,20 @@ def main(args: Args) -> dict:
             print(f"{path.name}: not redrawn, its runs {', '.join(missing)} are missing; "
                   f"`python paper_figures.py --figures {fig}` makes them")
         else:
-            draw(fig, results, path, f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}", args.seed, ref)
+            draw(fig, results, path, f"{'Fig. ' + fig if fig.isdigit() else FIGURE_TITLES[fig]}: {title}", args.seed,
+                 ref)
             drawn.append(path.name)
     header = (f"`python paper_figures.py --figures {' '.join(args.figures)} --scale {args.scale} --dataset {dataset}"
-              f"{f' --seed {args.seed}' if args.seed else ''}{f' --results-dir {args.results_dir}' if args.results_dir else ''}"
+              f"{f' --seed {args.seed}' if args.seed else ''}"
+              f"{f' --results-dir {args.results_dir}' if args.results_dir else ''}"
               f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {machine}, "
-              f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py on the test split.")
+              f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py "
+              "on the test split.")
     if found:  # nothing new: the table and its numbers stay as they are, byte for byte
         common.atomic_write_text(results_dir / "figures.md", table(results, ref, header) + "\n")
         common.atomic_write_text(results_dir / "figures.json", json.dumps(dict(
-            runs=results, random_init=ref, machine=machine, dataset=dataset, scale=args.scale, train_args=args.train_args,
-            minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
+            runs=results, random_init=ref, machine=machine, dataset=dataset, scale=args.scale,
+            train_args=args.train_args, minutes=(time.perf_counter() - t0) / 60), indent=1) + "\n")
         print(table(results, ref, header))
     print(f"wrote {', '.join(drawn + (['figures.md', 'figures.json'] if found else [])) or 'nothing'} in {results_dir}")
     return results

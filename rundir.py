@@ -35,7 +35,8 @@ RUNTIME_FIELDS = {"out_dir", "data_dir", "download", "device", "num_workers", "l
 CHECKPOINT_KEYS = ("format", "args", "step", "model", "optimizer", "scaler", "rng", "epoch_sums",
                    "low_std_epochs", "elapsed")
 FORMAT = "isoloss-train-2"  # 2: the readout joined the main optimiser (its param groups changed)
-RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "eigenvalues.png", "online_readout.png", "backbone.pt", "backbone.json")
+RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "eigenvalues.png", "online_readout.png", "backbone.pt",
+             "backbone.json")
 
 
 # --- Resuming ---------------------------------------------------------------------------------
@@ -43,7 +44,8 @@ RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "eigenvalues.png", "onli
 
 def settings_diff(old: dict, new: dict) -> list[str]:
     keys = (old.keys() | new.keys()) - RUNTIME_FIELDS
-    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(keys) if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+            for k in sorted(keys) if old.get(k) != new.get(k)]
 
 
 def open_run(out: Path, settings: dict) -> dict | None:
@@ -79,7 +81,8 @@ def restore(ckpt: dict, parts: dict, out: Path) -> None:
         for key, part in parts.items():
             part.load_state_dict(ckpt[key])
     except (RuntimeError, ValueError, KeyError) as e:
-        common.die(f"{out / 'last.pt'}: does not fit this model ({str(e).splitlines()[0]}); use another --out-dir or --overwrite")
+        common.die(f"{out / 'last.pt'}: does not fit this model ({str(e).splitlines()[0]}); "
+                   "use another --out-dir or --overwrite")
     torch.set_rng_state(ckpt["rng"]["torch"])
 
 
@@ -108,7 +111,8 @@ def provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
     commit = git("rev-parse", "HEAD")
-    return dict(git_commit=commit, git_dirty=None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+    return dict(git_commit=commit,
+                git_dirty=None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
                 torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(),
                 cpu=common.cpu_info()[0], gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 started=time.strftime("%Y-%m-%d %H:%M:%S %z"))
@@ -122,8 +126,10 @@ def save(out: Path, settings: dict, step: int, parts: dict, **state) -> None:
 
 def export_backbone(backbone: nn.Module, out: Path, **meta) -> None:
     """backbone.pt: a plain state_dict (torchvision names, no fc); backbone.json says how to build it."""
-    common.atomic_save({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pt")
-    common.atomic_write_text(out / "backbone.json", json.dumps(dict(arch="resnet18", **meta, provenance=provenance()), indent=1) + "\n")
+    common.atomic_save({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
+                       out / "backbone.pt")
+    common.atomic_write_text(out / "backbone.json",
+                             json.dumps(dict(arch="resnet18", **meta, provenance=provenance()), indent=1) + "\n")
     print(f"done: {out / 'backbone.pt'} (plain torchvision ResNet-18 state_dict), metrics in {out / 'metrics.jsonl'}")
 
 
@@ -147,7 +153,8 @@ def finish(*loaders) -> None:
 
 def stopped_message(out: Path) -> str:
     try:
-        where = f"the last good checkpoint is {out / 'last.pt'} (step {common.load_checkpoint(out / 'last.pt')['step']})"
+        where = (f"the last good checkpoint is {out / 'last.pt'} "
+                 f"(step {common.load_checkpoint(out / 'last.pt')['step']})")
     except common.CheckpointError:
         where = "no checkpoint was written yet"
     return (f"The run stopped; {where}. Lower --lr or turn --amp off, and rerun with --allow-changes to resume "
@@ -204,18 +211,22 @@ def average_batchnorm_statistics(model: nn.Module) -> None:
 # --- Metrics and figures ----------------------------------------------------------------------
 
 
-def epoch_record(learner: nn.Module, epoch: int, step: int, sums: torch.Tensor, n_steps: int, health: dict, **extra) -> dict:
+def epoch_record(learner: nn.Module, epoch: int, step: int, epoch_sums: torch.Tensor, n_steps: int, health: dict,
+                 **extra) -> dict:
     """One line of metrics.jsonl: the losses and std_normalized_z (training batches) as means over the epoch's
-    steps and ranks, `evaluate`'s numbers, and the eigenvalues (ascending) of the running uncentred C."""
-    ssl, plain, ce, std = (sums / max(n_steps, 1)).tolist()
+    steps and ranks, `evaluate`'s numbers, and the eigenvalues (ascending) of the running uncentred C.
+    epoch_sums holds the sums over the epoch's n_steps steps, by position: the SSL loss, the cosine loss, the
+    readout loss and the std of l2-normalised z (the training scripts' epoch_sums)."""
+    ssl, cosine, ce, std = (epoch_sums / max(n_steps, 1)).tolist()
     s = torch.linalg.eigvalsh(learner.correlation())
-    record = dict(epoch=epoch, step=step, loss=ssl, cosine_loss=plain, readout_loss=ce, std_normalized_z=std, **health,
+    record = dict(epoch=epoch, step=step, loss=ssl, cosine_loss=cosine, readout_loss=ce, std_normalized_z=std, **health,
                   eigenvalues=s.tolist(), participation_ratio=common.participation_ratio(s), **extra)
     if learner.closed_form:  # how many directions W_P = U diag(s_hat^alpha) U^T lets through, and the gradients
         record["erank_predictor"] = common.effective_rank(torch.linalg.eigvalsh(learner.predictor.W).square())
         record.update(common.mode_gradients(learner.predictor, learner.args.loss, *learner.last_pair))
     if learner.args.predictor == "linear":
-        record["eigenvector_alignment"] = common.eigenvector_alignment(learner.predictor.weight, learner.correlation()).tolist()
+        record["eigenvector_alignment"] = common.eigenvector_alignment(learner.predictor.weight,
+                                                                       learner.correlation()).tolist()
     return record
 
 
@@ -264,11 +275,13 @@ def plot(out: Path, records: list[dict]) -> None:
     # A time or a curve from one machine is not one from another: every figure names where it was drawn.
     where = f"{out.name}, on {torch.cuda.get_device_name() if torch.cuda.is_available() else common.cpu_info()[0]}"
     # Fixed margins instead of tight_layout, which measures every text and took most of a run's plotting time.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(left=0.05, right=0.99, bottom=0.12, top=0.8, wspace=0.25))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2),
+                             gridspec_kw=dict(left=0.05, right=0.99, bottom=0.12, top=0.8, wspace=0.25))
     for ax, key, title in zip(axes, ("eigenvalues", "cov_z_eigenvalues", "cov_f_eigenvalues"), (
             f"C = running E[z z^T], uncentred (the predictor's)\nparticipation ratio {last['participation_ratio']:.1f}",
             f"covariance of z, centred (test split, eval mode)\neffective rank {last.get('erank_z', math.nan):.1f}",
-            f"covariance of backbone features, centred (test, eval)\neffective rank {last.get('erank_f', math.nan):.1f}")):
+            f"covariance of backbone features, centred (test, eval)\n"
+            f"effective rank {last.get('erank_f', math.nan):.1f}")):
         epochs, values = series(key)
         if values:
             ax.plot(epochs, torch.tensor(values).clamp_min(1e-12).flip(1).numpy(), ".-", color="tab:blue", lw=0.6, ms=2)
@@ -276,12 +289,15 @@ def plot(out: Path, records: list[dict]) -> None:
         ax.set_title(title, fontsize=10)
     fig.suptitle(where, fontsize=9)
     fig.savefig(out / "eigenvalues.png", dpi=100)
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), gridspec_kw=dict(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.25))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2),
+                             gridspec_kw=dict(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.25))
     for ax, keys, ylabel, title in zip(
-            axes, (("online_readout_top1", "knn_top1", "probe_top1"), ("erank_z", "erank_f"), ("std_normalized_z",), ("mean_share_z",)),
+            axes,
+            (("online_readout_top1", "knn_top1", "probe_top1"), ("erank_z", "erank_f"), ("std_normalized_z",),
+             ("mean_share_z",)),
             ("accuracy (%)", "effective rank (RankMe)", "std of z/|z|", "|E z|^2 / E|z|^2"),
-            ("test split, eval mode", "centred covariance (test split, eval mode)", "collapse indicator (training batches)",
-             "share of the mean in z (test split, eval mode)")):
+            ("test split, eval mode", "centred covariance (test split, eval mode)",
+             "collapse indicator (training batches)", "share of the mean in z (test split, eval mode)")):
         for key in keys:
             epochs, values = series(key)
             if values:

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 import tyro
 
 import common
-import data as D
-import rundir as R
+import data
+import rundir
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,11 @@ class Args:
     # --- the run ---
     out_dir: str = ""
     """Run directory (checkpoints, metrics, figures). Default: runs/NAME-DATASET-sSEED."""
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits", "fashionmnist"] = "cifar10"
-    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*; digits: scikit-learn's;
-    fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)."""
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "digits",
+                     "fashionmnist"] = "cifar10"
+    """stl10 pre-trains on train+unlabeled; imagefolder reads DIR/train/<class>/*, DIR/val/<class>/*;
+    digits: scikit-learn's; fashionmnist: the IDX files in --data-dir or /usr/share/datasets/fashion-mnist
+    (apt-get install dataset-fashion-mnist)."""
     data_dir: str = "data"
     """Where the data set is (tinyimagenet, imagefolder: the folder that holds train/ and val/)."""
     download: bool = False
@@ -70,10 +72,12 @@ class Args:
     """auto (CUDA when present), cpu, cuda, cuda:1, ... Under torchrun each rank takes cuda:LOCAL_RANK."""
     num_workers: int | None = None
     """Data-loading processes per rank, alive across epochs (0: load in the main process). Default: the cores this
-    process may use (grid.py gives each run its share), shared by the ranks on this machine, less one. Results do not change."""
+    process may use (grid.py gives each run its share), shared by the ranks on this machine, less one. Results do
+    not change."""
     augment_on: Literal["auto", "loader", "device"] = "auto"
-    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions). auto: on the
-    device on CUDA for every data set held in memory (all but imagefolder: a GPU outruns the PIL workers), else the loader."""
+    """Draw the views with PIL in the loader workers, or batched per image on the device (same distributions).
+    auto: on the device on CUDA for every data set held in memory (all but imagefolder: a GPU outruns the PIL
+    workers), else the loader."""
     epochs: int = 1000
     """Training epochs."""
     batch_size: int = 256
@@ -94,7 +98,8 @@ class Args:
     """torch.compile the model (slow to start, faster per step on GPUs)."""
     # --- the networks and the views ---
     width: float = 1.0
-    """ResNet-18 width multiplier (0.25: a quarter of the channels, for CPUs). Width 1 exports a torchvision ResNet-18."""
+    """ResNet-18 width multiplier (0.25: a quarter of the channels, for CPUs). Width 1 exports a torchvision
+    ResNet-18."""
     proj_hidden: int = 4096
     """Projector hidden size: Linear(512 w, h)-BN-ReLU-Linear(h, d)."""
     proj_dim: int = 256
@@ -102,12 +107,13 @@ class Args:
     pred_hidden: int = 4096
     """MLP predictor hidden size."""
     crop: int | None = None
-    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet, imagefolder);
-    <= 32: the small (CIFAR) stem."""
+    """Crop size of the views. Default: 32 (CIFAR, digits), 28 (Fashion-MNIST), 96 (STL-10), 64 (TinyImageNet,
+    imagefolder); <= 32: the small (CIFAR) stem."""
     min_scale: float = 0.08
     """Smallest area of a random resized crop, as a fraction of the image (METHOD.md 6: 0.08)."""
     blur: tuple[float, float] | None = None
-    """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0) otherwise."""
+    """Gaussian-blur probability of view 1 and view 2. Default: (1.0, 0.1) for STL-10 and imagefolder, (0, 0)
+    otherwise."""
     # --- the predictor and the loss (METHOD.md sections 2-3) ---
     predictor: Literal["mlp", "linear", "directpred", "directcopy", "none"] = "mlp"
     """mlp (BYOL/SimSiam), linear (learnable W), directpred/directcopy (closed form from C), none (ablation)."""
@@ -120,8 +126,9 @@ class Args:
     eps: float | None = None
     """Closed-form predictor: s_hat = s / max(s) + eps. Default: 0 for directpred, 0.25 for directcopy."""
     normalize_spectrum: bool = True
-    """Closed-form predictor: divide C's eigenvalues by the largest (the release's). --no-normalize-spectrum: s_hat = s + eps,
-    the toy theory's W_P, whose Euclidean loss holds every mode's variance at 1 (the Euclidean loss needs it without EMA)."""
+    """Closed-form predictor: divide C's eigenvalues by the largest (the release's). --no-normalize-spectrum:
+    s_hat = s + eps, the toy theory's W_P, whose Euclidean loss holds every mode's variance at 1 (the Euclidean loss
+    needs it without EMA)."""
     # --- optimisation and monitoring (METHOD.md section 6) ---
     momentum: float = 0.9
     """Momentum of the optimiser."""
@@ -147,7 +154,8 @@ class Args:
     lr: float = 0.1
     """Base learning rate of SGD at batch 256 (scaled by batch/256)."""
     stop_grad: bool = True
-    """Stop the gradient at the targets. --no-stop-grad is the collapse ablation: the gradient flows through both branches."""
+    """Stop the gradient at the targets. --no-stop-grad is the collapse ablation: the gradient flows through both
+    branches."""
     tau_c: float = 0.5
     """Running correlation matrix C <- tau_c C + (1 - tau_c) Z^T Z / B (0.5 without an EMA target)."""
 
@@ -169,15 +177,19 @@ PRESETS = {
     "no-predictor": ("Ablation: no predictor (p = z); collapses.", Args(name="simsiam-no-predictor", predictor="none")),
     "no-stop-grad": ("Ablation: the gradient also flows through the targets; collapses.",
                      Args(name="simsiam-no-stop-grad", stop_grad=False)),
-    "cpu-demo": ("Laptop trial on scikit-learn's digits (IsoLoss, a quarter width, 16-pixel crops): minutes on 2 CPU cores.",
+    "cpu-demo": ("Laptop trial on scikit-learn's digits (IsoLoss, a quarter width, 16-pixel crops): "
+                 "minutes on 2 CPU cores.",
                  Args(name="simsiam-cpu-demo", predictor="directpred", isoloss=True, dataset="digits", crop=16,
-                      width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20, warmup_epochs=1,
+                      width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=20,
+                      warmup_epochs=1,
                       num_workers=0, augment_on="device", eval_every=2, log_every=10)),
-    "laptop": ("Long laptop run on Fashion-MNIST (IsoLoss, a quarter width, 16-pixel crops, 2,400 steps): the regime of the "
-               "paper's Figs. 3, 7 and 8 (paper_figures.py runs the sets); the paper's optimiser settings.",
-               Args(name="simsiam-laptop", predictor="directpred", isoloss=True, dataset="fashionmnist", crop=16, min_scale=0.2,
-                    width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64, epochs=24, steps_per_epoch=100,
-                    warmup_epochs=2, num_workers=0, augment_on="device", eval_every=4, log_every=100)),
+    "laptop": ("Long laptop run on Fashion-MNIST (IsoLoss, a quarter width, 16-pixel crops, 2,400 steps): "
+               "the regime of the paper's Figs. 3, 7 and 8 (paper_figures.py runs the sets); "
+               "the paper's optimiser settings.",
+               Args(name="simsiam-laptop", predictor="directpred", isoloss=True, dataset="fashionmnist", crop=16,
+                    min_scale=0.2, width=0.25, proj_hidden=512, pred_hidden=512, proj_dim=64, batch_size=64,
+                    epochs=24, steps_per_epoch=100, warmup_epochs=2, num_workers=0, augment_on="device",
+                    eval_every=4, log_every=100)),
 }
 # --- END METHOD ---
 
@@ -196,16 +208,20 @@ def check_args(args: Args, world: int) -> None:
         ((args.alpha is not None and args.alpha <= 0) or (args.eps is not None and args.eps < 0),
          f"--alpha must be > 0 and --eps >= 0, got {args.alpha}, {args.eps}"),
         (not 0 <= args.tau_c < 1, f"--tau-c must be in [0, 1), got {args.tau_c}"),
-        (args.batch_size < 2 * world, f"--batch-size {args.batch_size} leaves fewer than 2 samples per rank; BatchNorm needs 2"),
+        (args.batch_size < 2 * world,
+         f"--batch-size {args.batch_size} leaves fewer than 2 samples per rank; BatchNorm needs 2"),
         (args.batch_size % world != 0, f"--batch-size {args.batch_size} does not split evenly over {world} ranks"),
         (args.crop is not None and args.crop < 8, f"--crop {args.crop} is too small for a ResNet-18 (use 8 or more)"),
         (not 0 < args.min_scale <= 1, f"--min-scale must be in (0, 1], got {args.min_scale}"),
-        (args.overwrite and args.allow_changes, "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
+        (args.overwrite and args.allow_changes,
+         "--overwrite (start afresh) and --allow-changes (resume with new settings) contradict each other"),
         (args.augment_on == "device" and args.dataset == "imagefolder",
          "--augment-on device needs images of one size (not imagefolder); use --augment-on loader"),
-        (args.amp == "fp16" and common.pick_device(args.device).type == "cpu", "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
+        (args.amp == "fp16" and common.pick_device(args.device).type == "cpu",
+         "--amp fp16 needs CUDA; use --amp bf16 or off on CPU"),
         # --- METHOD (SimSiam): checks of the method ---
-        (args.isoloss and not args.stop_grad, "--isoloss is built from stop-gradients; it cannot run with --no-stop-grad"),
+        (args.isoloss and not args.stop_grad,
+         "--isoloss is built from stop-gradients; it cannot run with --no-stop-grad"),
         (args.loss == "euclidean" and closed and args.normalize_spectrum,
          "the Euclidean loss without an EMA target and with W_P from s / max(s) cannot train: nothing holds the scale "
          "of z, and every such run has ended on NaN (METHOD.md 6); add --no-normalize-spectrum (W_P from s itself)"),
@@ -217,7 +233,8 @@ def check_args(args: Args, world: int) -> None:
                     eval_every=args.eval_every)
     problems += [(v <= 0, f"--{k.replace('_', '-')} must be > 0, got {v}") for k, v in positive.items()]
     problems += [(v < 0, f"--{k.replace('_', '-')} must be >= 0, got {v}") for k, v in dict(
-        num_workers=args.num_workers or 0, save_every=args.save_every, warmup_epochs=args.warmup_epochs, knn_k=args.knn_k).items()]
+        num_workers=args.num_workers or 0, save_every=args.save_every, warmup_epochs=args.warmup_epochs,
+        knn_k=args.knn_k).items()]
     for bad, message in problems:
         if bad:
             common.die(message)
@@ -228,17 +245,18 @@ def check_args(args: Args, world: int) -> None:
 
 class Learner(nn.Module):
     """Everything that trains, in one module so that DDP sees it whole. forward(x1, x2, y) returns
-    (loss to minimise, SSL loss, plain cosine loss, readout loss, std of l2-normalised z), all but the
+    (loss to minimise, SSL loss, cosine loss, readout loss, std of l2-normalised z), all but the
     first detached. The targets are made where the stop-gradient is visible."""
 
     def __init__(self, args: Args, n_classes: int, small_stem: bool):
         super().__init__()
         self.args = args
         self.backbone = common.resnet18(args.width, small_stem)
-        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden),
-                                       nn.ReLU(inplace=True), nn.Linear(args.proj_hidden, args.proj_dim))
-        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c, args.alpha, args.eps,
-                                               args.normalize_spectrum)
+        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, args.proj_hidden),
+                                       nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(args.proj_hidden, args.proj_dim))
+        self.predictor = common.build_predictor(args.predictor, args.proj_dim, args.pred_hidden, args.tau_c,
+                                               args.alpha, args.eps, args.normalize_spectrum)
         self.closed_form = isinstance(self.predictor, common.ClosedFormPredictor)
         # --- METHOD (SimSiam): the target network ---
         # None: the targets are the online network's own outputs (see forward).
@@ -253,9 +271,10 @@ class Learner(nn.Module):
     def online_parameters(self):
         return [*self.backbone.parameters(), *self.projector.parameters()]
 
-    def observe(self, z: torch.Tensor) -> None:
-        """C takes one view's batch term, C <- tau_c C + (1 - tau_c) Z^T Z / B; for a closed-form
-        predictor this also recomputes W_P from the new C, for the others C is only logged."""
+    def update_correlation(self, z: torch.Tensor) -> None:
+        """Fold one view's batch into the running correlation matrix, C <- tau_c C + (1 - tau_c) Z^T Z / B, and,
+        for a closed-form predictor, recompute W_P from the new C (ClosedFormPredictor.update); for the other
+        predictors C is only logged."""
         if self.closed_form:
             self.predictor.update(z)
         else:
@@ -263,27 +282,29 @@ class Learner(nn.Module):
 
     def forward(self, x1, x2, y):
         f1, f2 = self.backbone(x1), self.backbone(x2)
-        z1, z2 = common.widen(self.projector(f1)), common.widen(self.projector(f2))
+        z1, z2 = common.at_least_float32(self.projector(f1)), common.at_least_float32(self.projector(f2))
         # --- METHOD (SimSiam): the targets ---
         # This pass's outputs, detached in the loss (the stop-gradient) unless the ablation says otherwise.
         t1, t2, stop_grad = z1, z2, self.args.stop_grad
         # --- END METHOD ---
-        ssl = plain = 0.0
+        ssl = cosine = 0.0
         # The loss in float32 even under autocast: W_P z and the norms need the precision.
         with torch.autocast(x1.device.type, enabled=False):
             # View by view, as in the authors' release: C takes view 1's batch term and p1 = W_P z1 is predicted
             # with the W_P that includes it (toward t2); then the same for view 2 (toward t1). Orders summed.
             for z, t in ((z1, t2), (z2, t1)):
-                self.observe(z)
-                value, cosine = common.pair_loss(self.args.loss, self.args.isoloss, self.predictor, z, t, stop_grad)
-                ssl, plain = ssl + value, plain + cosine
+                self.update_correlation(z)
+                value, pair_cosine = common.pair_loss(self.args.loss, self.args.isoloss, self.predictor, z, t,
+                                                      stop_grad)
+                ssl, cosine = ssl + value, cosine + pair_cosine
             self.last_pair = z2.detach(), t1.detach()  # the pair of the W_P held now: the epoch's gradient diagnostics
             # The readout sees detached features of both views (the release's): it measures the representation,
             # never shapes it. STL-10's unlabeled images have label -1 and do not count.
             labelled = 2 * (y >= 0).sum().clamp_min(1)
-            ce = sum(F.cross_entropy(self.readout(common.widen(f.detach())), y, ignore_index=-1, reduction="sum")
+            ce = sum(F.cross_entropy(self.readout(common.at_least_float32(f.detach())), y, ignore_index=-1,
+                                     reduction="sum")
                      for f in (f1, f2)) / labelled
-        return ssl + ce, ssl.detach(), plain, ce.detach(), common.normalized_std(torch.cat([z1, z2]))
+        return ssl + ce, ssl.detach(), cosine, ce.detach(), common.normalized_std(torch.cat([z1, z2]))
 
 
 # --- Optimiser and schedules (plain functions of the step), and the step -------------------------
@@ -302,20 +323,21 @@ def make_optimizer(args: Args, learner: Learner) -> torch.optim.SGD:
     """Momentum SGD, in the release's groups: weight decay on every parameter of the network, biases and norm
     layers included (its SGD configs exclude none); the online readout without decay, at its own learning rate."""
     net = [*learner.online_parameters(), *learner.predictor.parameters()]
-    groups = [dict(params=net, name="ssl"), dict(params=[*learner.readout.parameters()], name="readout", weight_decay=0.0)]
+    groups = [dict(params=net, name="ssl"),
+              dict(params=[*learner.readout.parameters()], name="readout", weight_decay=0.0)]
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def train_step(model, learner: Learner, optimizer, scaler, x1, x2, y, autocast):
     """Both views forward, backward, one optimiser step (network and readout); there is no target network to update.
-    Returns the model's outputs (loss, ssl, plain cosine, readout, std); no host synchronisation."""
+    Returns the model's outputs (loss, SSL loss, cosine loss, readout loss, std); no host synchronisation."""
     with autocast():
-        loss, ssl, plain, ce, std = model(x1, x2, y)
+        loss, ssl, cosine, ce, std = model(x1, x2, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss, ssl, plain, ce, std
+    return loss, ssl, cosine, ce, std
 # --- END METHOD ---
 
 
@@ -336,9 +358,10 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
             with autocast():
                 f = learner.backbone(x.to(device, non_blocking=True)).float()
                 rows.append((f, learner.projector(f).float(), learner.readout(f).float(), y.to(device)))
-        return [R.gather(torch.cat(column)) for column in zip(*rows)]
+        return [rundir.gather(torch.cat(column)) for column in zip(*rows)]
     f, z, logits, y = outputs(test_loader)
-    (top1, top5), cov_f, cov_z, zd = common.topk_accuracy(logits, y), common.centred_spectrum(f), common.centred_spectrum(z), z.double()
+    (top1, top5), cov_f, cov_z, zd = (common.topk_accuracy(logits, y), common.centred_spectrum(f),
+                                      common.centred_spectrum(z), z.double())
     out = dict(online_readout_top1=100 * top1, online_readout_top5=100 * top5, knn_top1=None,
                erank_f=common.effective_rank(cov_f), erank_z=common.effective_rank(cov_z),
                mean_share_z=float(zd.mean(0).square().sum() / zd.square().sum(1).mean()),
@@ -359,30 +382,31 @@ def evaluate(learner: Learner, test_loader, bank_loader, device, autocast) -> di
 
 def train(args: Args) -> Learner:
     """Train with `args` (resuming from the run directory when it holds this run); returns the model."""
-    rank, world, device = R.setup_distributed(args.device)
+    rank, world, device = rundir.setup_distributed(args.device)
     main_rank, cuda = rank == 0, device.type == "cuda"
     check_args(args, world)
-    augment_on = D.views_on(args.augment_on, args.dataset, cuda)
+    augment_on = data.views_on(args.augment_on, args.dataset, cuda)
     workers = common.loader_workers() if args.num_workers is None else args.num_workers
     say = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get("bf16" if args.amp == "auto" and cuda else args.amp)
 
     # Data first: a missing data set is one line, before anything is written.
-    crop = args.crop or D.CROP_SIZE[args.dataset]
+    crop = args.crop or data.CROP_SIZE[args.dataset]
     blur = args.blur or ((1.0, 0.1) if args.dataset in ("stl10", "imagefolder") else (0.0, 0.0))
-    test_view = D.eval_transform(args.dataset, crop)
+    test_view = data.eval_transform(args.dataset, crop)
     if not main_rank:
         dist.barrier()  # rank 0 downloads (if asked) before the others look
     try:
-        base = D.load_dataset(args.dataset, args.data_dir, "pretrain", download=args.download)
-        test_set = D.load_dataset(args.dataset, args.data_dir, "test", test_view, download=args.download)
-        bank_set = D.load_dataset(args.dataset, args.data_dir, "train", test_view) if args.knn_k else None
-    except D.DataError as e:
+        base = data.load_dataset(args.dataset, args.data_dir, "pretrain", download=args.download)
+        test_set = data.load_dataset(args.dataset, args.data_dir, "test", test_view, download=args.download)
+        bank_set = data.load_dataset(args.dataset, args.data_dir, "train", test_view) if args.knn_k else None
+    except data.DataError as e:
         common.die(str(e))
     if main_rank and world > 1:
         dist.barrier()
     if args.dataset != "imagefolder" and crop > min(size := base[0][0].size):
-        common.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; use --crop {min(size)} or less")
+        common.die(f"--crop {crop} is larger than the {'x'.join(map(str, size))} images of {args.dataset}; "
+                   f"use --crop {min(size)} or less")
     steps_per_epoch = min(len(base) // args.batch_size, args.steps_per_epoch or sys.maxsize)
     if steps_per_epoch < 1:
         common.die(f"--batch-size {args.batch_size} is larger than the {len(base)} training images of {args.dataset}")
@@ -391,7 +415,7 @@ def train(args: Args) -> Learner:
     peaks = dict(ssl=peak_lr, readout=args.readout_lr * args.batch_size / 256)  # by param group name
     out = Path(args.out_dir or f"runs/{args.name}-{args.dataset}-s{args.seed}")
     settings = {**dataclasses.asdict(args), "augment_on": augment_on}  # auto resolved: a resumed run keeps its views
-    ckpt = R.open_run(out, settings)
+    ckpt = rundir.open_run(out, settings)
 
     torch.manual_seed(args.seed)
     small_stem = common.uses_small_stem(crop)
@@ -402,15 +426,18 @@ def train(args: Args) -> Learner:
     optimizer = make_optimizer(args, learner)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     parts = dict(model=learner, optimizer=optimizer, scaler=scaler)
-    step, sums, low_std_epochs, elapsed = 0, torch.zeros(4, dtype=torch.float64, device=device), 0, 0.0
+    # epoch_sums: the sums over this epoch's steps of, in this order, the SSL loss, the cosine loss, the readout loss
+    # and the std of l2-normalised z (rundir.epoch_record reads them by position; last.pt keeps them).
+    step, epoch_sums, low_std_epochs, elapsed = 0, torch.zeros(4, dtype=torch.float64, device=device), 0, 0.0
     if ckpt is not None:
-        R.restore(ckpt, parts, out)
+        rundir.restore(ckpt, parts, out)
         step, low_std_epochs, elapsed = ckpt["step"], ckpt["low_std_epochs"], ckpt["elapsed"]
-        sums.copy_(ckpt["epoch_sums"])
-        diff = R.settings_diff(ckpt["args"], settings)
-        say(f"resuming {out / 'last.pt'} at step {step}" + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
+        epoch_sums.copy_(ckpt["epoch_sums"])
+        diff = rundir.settings_diff(ckpt["args"], settings)
+        say(f"resuming {out / 'last.pt'} at step {step}"
+            + (f" with changed settings: {'; '.join(diff)}" if diff else ""))
     if main_rank:  # every check has passed: from here on the run directory is written (by rank 0 only)
-        R.start(out, settings, step)
+        rundir.start(out, settings, step)
 
     model = learner
     if world > 1:
@@ -418,19 +445,21 @@ def train(args: Args) -> Learner:
         # and the running statistics are averaged over the ranks at the end of each epoch. No buffer
         # broadcast: C is all-reduced in the step, and rank 0's copy would hide a rank that drifted.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(learner) if cuda else learner
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                    broadcast_buffers=False)
     model = torch.compile(model) if args.compile else model
 
     # The loaders are made once; the training loader's worker processes (if any) live across epochs.
-    specs = D.view_specs(crop, blur, args.min_scale, grayscale=args.dataset in D.GRAYSCALE)
-    batches = D.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
-    train_loader = None if augment_on == "device" else D.loader(
-        D.TwoViews(base, tuple(map(D.pil_view, specs)), args.seed), workers, cuda, True, batch_sampler=batches)
+    specs = data.view_specs(crop, blur, args.min_scale, grayscale=args.dataset in data.GRAYSCALE)
+    batches = data.EpochBatches(len(base), args.batch_size, steps_per_epoch, args.seed, rank, world)
+    train_loader = None if augment_on == "device" else data.loader(
+        data.TwoViews(base, tuple(map(data.pil_view, specs)), args.seed), workers, cuda, True, batch_sampler=batches)
     if augment_on == "device":
-        images, labels = (t.to(device) for t in D.images_as_tensor(base))
+        images, labels = (t.to(device) for t in data.images_as_tensor(base))
     bank = torch.randperm(len(bank_set or ()), generator=torch.Generator().manual_seed(0))[:10_000].sort().values
-    test_loader, bank_loader = (None if ds is None else D.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
-                                workers, cuda, batch_size=max(2, args.batch_size // world))
+    test_loader, bank_loader = (None if ds is None
+                                else data.loader(torch.utils.data.Subset(ds, index[rank::world].tolist()),
+                                                 workers, cuda, batch_size=max(2, args.batch_size // world))
                                 for ds, index in ((test_set, torch.arange(len(test_set))), (bank_set, bank)))
     if (len(test_set) + len(bank)) * 12 * crop**2 < 2**28:  # the clean views never change: under 256 MB, read them once
         test_loader, bank_loader = (loader and list(loader) for loader in (test_loader, bank_loader))
@@ -439,13 +468,13 @@ def train(args: Args) -> Learner:
 
     def save(at_step: int) -> None:
         """last.pt, after checking that nothing in it is NaN (the previous one stays otherwise)."""
-        R.check_finite(bad_step, learner, at_step, out)
-        if world > 1:  # rank 0 saves, so the epoch sums it holds must be everyone's
-            dist.all_reduce(sums)
-            sums.div_(world)
+        rundir.check_finite(bad_step, learner, at_step, out)
+        if world > 1:  # rank 0 saves, so the epoch's sums it holds must be everyone's
+            dist.all_reduce(epoch_sums)
+            epoch_sums.div_(world)
         if main_rank:
-            R.save(out, settings, at_step, parts, epoch_sums=sums.cpu(), low_std_epochs=low_std_epochs,
-                   elapsed=elapsed + time.perf_counter() - t_start)
+            rundir.save(out, settings, at_step, parts, epoch_sums=epoch_sums.cpu(), low_std_epochs=low_std_epochs,
+                        elapsed=elapsed + time.perf_counter() - t_start)
 
     say(f"{args.name}: {args.dataset} ({len(base)} images, crop {crop}), {world} x {device}, amp {amp_dtype}, "
         f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, lr {peak_lr:.4g} -> {out}")
@@ -457,7 +486,7 @@ def train(args: Args) -> Learner:
     for epoch in range(step // steps_per_epoch, args.epochs):
         batches.set_epoch(epoch, step % steps_per_epoch)
         t_epoch, epoch_start_step = time.perf_counter(), step
-        source = D.device_views(images, labels, specs, batches, args.seed, memory_format) \
+        source = data.device_views(images, labels, specs, batches, args.seed, memory_format) \
             if augment_on == "device" else train_loader
         for x1, x2, y in source:
             lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -467,17 +496,17 @@ def train(args: Args) -> Learner:
             y = y.to(device, non_blocking=True)
             try:
                 # --- METHOD (SimSiam): the step ---
-                loss, ssl, plain, ce, std = train_step(model, learner, optimizer, scaler,
+                loss, ssl, cosine, ce, std = train_step(model, learner, optimizer, scaler,
                                                        x1, x2, y, autocast)
                 # --- END METHOD ---
             except FloatingPointError as e:  # raised by ClosedFormPredictor.update, C unchanged
-                common.die(f"step {step + 1}: {e}. {R.stopped_message(out)}")
+                common.die(f"step {step + 1}: {e}. {rundir.stopped_message(out)}")
             # Bookkeeping on the device: no host synchronisation except on logging steps.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
-            sums += torch.stack([ssl, plain, ce, std]).double()
+            epoch_sums += torch.stack([ssl, cosine, ce, std]).double()
             step += 1
             if step % args.log_every == 0:
-                R.check_finite(bad_step, None, step, out)
+                rundir.check_finite(bad_step, None, step, out)
                 say(progress.line(step * args.batch_size, epoch=epoch + 1, step=step, loss=ssl.item(), lr=lr))
             if args.save_every and step % args.save_every == 0 and step % steps_per_epoch != 0:
                 save(step)  # mid-epoch; the end of an epoch is saved below, after its metrics
@@ -485,22 +514,23 @@ def train(args: Args) -> Learner:
         # End of the epoch: evaluate, append the metrics line, redraw the figures, then save.
         seconds = time.perf_counter() - t_epoch
         if world > 1:
-            dist.all_reduce(sums)
-            sums.div_(world)
+            dist.all_reduce(epoch_sums)
+            epoch_sums.div_(world)
             if not cuda:
-                R.average_batchnorm_statistics(learner)
-        R.check_finite(bad_step, learner, step, out)  # before evaluating: NaN weights would only break the metrics
+                rundir.average_batchnorm_statistics(learner)
+        rundir.check_finite(bad_step, learner, step, out)  # before evaluating: NaN weights would only break the metrics
         health = evaluate(learner, test_loader, bank_loader, device, autocast) \
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else {}
-        record = R.epoch_record(learner, epoch + 1, step, sums, steps_per_epoch, health, lr=lr, tau=tau,
-                                images_per_s=(step - epoch_start_step) * args.batch_size / seconds, train_s=seconds,
-                                epoch_s=time.perf_counter() - t_epoch, wall_time_s=elapsed + time.perf_counter() - t_start)
+        record = rundir.epoch_record(learner, epoch + 1, step, epoch_sums, steps_per_epoch, health, lr=lr, tau=tau,
+                                     images_per_s=(step - epoch_start_step) * args.batch_size / seconds,
+                                     train_s=seconds, epoch_s=time.perf_counter() - t_epoch,
+                                     wall_time_s=elapsed + time.perf_counter() - t_start)
         healthy = 1 / math.sqrt(args.proj_dim)
         low_std_epochs = low_std_epochs + 1 if record["std_normalized_z"] < args.collapse_ratio * healthy else 0
         record["collapse_warning"] = low_std_epochs >= args.collapse_epochs
-        sums.zero_()
+        epoch_sums.zero_()
         if main_rank:
-            R.append_metrics(out, record, args.epochs)
+            rundir.append_metrics(out, record, args.epochs)
             if record["collapse_warning"]:
                 print(f"warning: possible collapse: the std of l2-normalised z has been below {args.collapse_ratio} x "
                       f"{healthy:.4f} (healthy) for {low_std_epochs} epochs (now {record['std_normalized_z']:.2e})",
@@ -508,9 +538,10 @@ def train(args: Args) -> Learner:
         save(step)
 
     if main_rank:
-        R.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem, out_dim=learner.backbone.out_dim,
-                          dataset=args.dataset, crop=crop, mean=D.MEAN, std=D.STD, step=step, name=args.name)
-    R.finish(train_loader)
+        rundir.export_backbone(learner.backbone, out, width=args.width, small_stem=small_stem,
+                               out_dim=learner.backbone.out_dim, dataset=args.dataset, crop=crop, mean=data.MEAN,
+                               std=data.STD, step=step, name=args.name)
+    rundir.finish(train_loader)
     return learner
 
 
@@ -521,14 +552,15 @@ def parse(argv=None) -> Args:
     if name not in PRESETS:
         common.die(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}, or none for {next(iter(PRESETS))}")
     listing = "\n".join(f"  {k:<20s}{doc}" for k, (doc, _) in PRESETS.items())
-    return tyro.cli(Args, args=argv, default=PRESETS[name][1], description=f"{__doc__}\npresets (first argument):\n{listing}")
+    return tyro.cli(Args, args=argv, default=PRESETS[name][1],
+                    description=f"{__doc__}\npresets (first argument):\n{listing}")
 
 
 def main(argv=None) -> Learner:
     args = parse(argv)
     try:
         return train(args)
-    except D.DataError as e:  # an unreadable image met while training, here or in a loader worker
+    except data.DataError as e:  # an unreadable image met while training, here or in a loader worker
         common.die(str(e))
 
 

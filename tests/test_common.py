@@ -22,7 +22,7 @@ def _float64():
 
 def fitted_predictor(d=8, alpha=0.5, eps=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    pred = common.ClosedFormPredictor(d, alpha=alpha, eps=eps, tau=0.0)
+    pred = common.ClosedFormPredictor(d, alpha=alpha, eps=eps, decay=0.0)
     # Anisotropic outputs so that W_P is far from the identity.
     pred.update(torch.randn(64, d, generator=g) * torch.linspace(0.2, 3.0, d))
     return pred
@@ -56,7 +56,7 @@ def test_iso_cosine_gradient_is_standard_without_WT(alpha, eps):
     W = pred.W
     z, t = torch.randn(16, 8), torch.randn(16, 8)
     g_std = grad_of(lambda z: common.cosine_loss(pred(z), t), z)
-    g_iso = grad_of(lambda z: common.iso_cosine_loss(z, pred(z), pred.sqrt(z), t), z)
+    g_iso = grad_of(lambda z: common.iso_cosine_loss(z, pred(z), pred.apply_sqrt(z), t), z)
     p = z @ W
     pn, tn = p.norm(dim=1, keepdim=True), t.norm(dim=1, keepdim=True)
     by_hand = -2 * (t / (pn * tn) - (p * t).sum(1, keepdim=True) * p / (pn**3 * tn)) / len(z)
@@ -70,7 +70,7 @@ def test_no_gradient_reaches_target_or_predictor_matrix():
     z = torch.randn(4, 8, requires_grad=True)
     t = torch.randn(4, 8, requires_grad=True)
     for loss in (common.cosine_loss(pred(z), t), common.euclidean_loss(pred(z), t),
-                 common.iso_cosine_loss(z, pred(z), pred.sqrt(z), t), common.iso_euclidean_loss(z, pred(z), t)):
+                 common.iso_cosine_loss(z, pred(z), pred.apply_sqrt(z), t), common.iso_euclidean_loss(z, pred(z), t)):
         assert loss.grad_fn is not None
         t.grad = None
         loss.backward()
@@ -102,16 +102,16 @@ def test_loss_values_by_hand():
     assert common.iso_cosine_loss(Z, P, Z, T).item() == pytest.approx(iso.mean())
 
 
-def test_pair_loss_dispatches_to_each_loss_and_logs_the_plain_cosine():
+def test_pair_loss_dispatches_to_each_loss_and_logs_the_cosine_loss():
     pred = fitted_predictor()
     z, t = torch.randn(6, 8), torch.randn(6, 8)
-    plain = common.cosine_loss(pred(z), t)
-    for loss, iso, expect in (("cosine", False, plain), ("euclidean", False, common.euclidean_loss(pred(z), t)),
-                              ("cosine", True, common.iso_cosine_loss(z, pred(z), pred.sqrt(z), t)),
+    cosine = common.cosine_loss(pred(z), t)
+    for loss, iso, expect in (("cosine", False, cosine), ("euclidean", False, common.euclidean_loss(pred(z), t)),
+                              ("cosine", True, common.iso_cosine_loss(z, pred(z), pred.apply_sqrt(z), t)),
                               ("euclidean", True, common.iso_euclidean_loss(z, pred(z), t))):
         value, logged = common.pair_loss(loss, iso, pred, z, t)
         torch.testing.assert_close(value, expect)
-        torch.testing.assert_close(logged, plain)  # the plain cosine loss is logged beside every loss
+        torch.testing.assert_close(logged, cosine)  # the cosine loss is logged beside every loss
     with pytest.raises(ValueError, match="stop-gradients"):
         common.pair_loss("cosine", True, pred, z, t, stop_grad=False)
 
@@ -138,11 +138,11 @@ def test_closed_form_against_direct_matrix_powers():
     Z, Cm = known_C()
     smax = torch.linalg.eigvalsh(Cm).max()
     for alpha, expect in ((1.0, Cm / smax), (2.0, Cm @ Cm / smax**2)):
-        pred = common.ClosedFormPredictor(6, alpha=alpha, eps=0.0, tau=0.0)
+        pred = common.ClosedFormPredictor(6, alpha=alpha, eps=0.0, decay=0.0)
         pred.update(Z)
         torch.testing.assert_close(pred.C, Cm)
         torch.testing.assert_close(pred.W, expect)
-    pred = common.ClosedFormPredictor(6, alpha=0.5, eps=0.0, tau=0.0)  # DirectPred: W_P^2 = C / max(s)
+    pred = common.ClosedFormPredictor(6, alpha=0.5, eps=0.0, decay=0.0)  # DirectPred: W_P^2 = C / max(s)
     pred.update(Z)
     torch.testing.assert_close(pred.W @ pred.W, Cm / smax)
     torch.testing.assert_close(pred.W_sqrt @ pred.W_sqrt, pred.W)
@@ -150,9 +150,9 @@ def test_closed_form_against_direct_matrix_powers():
     assert torch.linalg.eigvalsh(pred.W).min() > -1e-12
     torch.testing.assert_close(pred.eigvals, torch.linalg.eigvalsh(Cm))
     torch.testing.assert_close(pred(Z[:3]), Z[:3] @ pred.W)
-    torch.testing.assert_close(pred.sqrt(Z[:3]), Z[:3] @ pred.W_sqrt)
+    torch.testing.assert_close(pred.apply_sqrt(Z[:3]), Z[:3] @ pred.W_sqrt)
     # Unnormalised (the toy theory's W_P): the spectrum of C itself, so W_P grows with z.
-    raw = common.ClosedFormPredictor(6, alpha=0.5, eps=0.0, tau=0.0, normalize=False)
+    raw = common.ClosedFormPredictor(6, alpha=0.5, eps=0.0, decay=0.0, normalize=False)
     raw.update(Z)
     torch.testing.assert_close(raw.W @ raw.W, Cm)
     raw.update(3 * Z)
@@ -161,32 +161,32 @@ def test_closed_form_against_direct_matrix_powers():
 
 def test_directcopy_is_C_over_max_plus_quarter_identity():
     Z, Cm = known_C(seed=3)
-    pred = common.build_predictor("directcopy", 6, 16, tau=0.0)
+    pred = common.build_predictor("directcopy", 6, 16, decay=0.0)
     pred.update(Z)
     torch.testing.assert_close(pred.W, Cm / torch.linalg.eigvalsh(Cm).max() + 0.25 * torch.eye(6))
     assert (pred.alpha, pred.eps) == (1.0, 0.25)
     dp = common.build_predictor("directpred", 6, 16, 0.998)
-    assert (dp.alpha, dp.eps, dp.tau) == (0.5, 0.0, 0.998)
+    assert (dp.alpha, dp.eps, dp.decay) == (0.5, 0.0, 0.998)
 
 
 def test_running_update_of_C():
-    tau = 0.9
-    pred = common.ClosedFormPredictor(3, **common.CLOSED_FORM["directpred"], tau=tau)
+    decay = 0.9
+    pred = common.ClosedFormPredictor(3, **common.CLOSED_FORM["directpred"], decay=decay)
     B1, B2 = torch.tensor([[1.0, 0, 0], [0, 2, 0]]), torch.tensor([[1.0, 1, 1]])
     pred.update(B1)
     pred.update(B2)
-    expect = tau * (1 - tau) * (B1.T @ B1 / 2) + (1 - tau) * (B2.T @ B2 / 1)
+    expect = decay * (1 - decay) * (B1.T @ B1 / 2) + (1 - decay) * (B2.T @ B2 / 1)
     torch.testing.assert_close(pred.C, expect)
 
 
 def test_degenerate_inputs():
-    pred = common.ClosedFormPredictor(4, **common.CLOSED_FORM["directpred"], tau=0.5)
+    pred = common.ClosedFormPredictor(4, **common.CLOSED_FORM["directpred"], decay=0.5)
     z = torch.randn(3, 4)
     torch.testing.assert_close(pred(z), z)  # before any data: W_P = I
     pred.update(torch.zeros(5, 4))  # all-zero C: still the identity, no NaN
     torch.testing.assert_close(pred.W, torch.eye(4))
     torch.testing.assert_close(pred.W_sqrt, torch.eye(4))
-    pred = common.ClosedFormPredictor(4, alpha=0.5, eps=0.0, tau=0.0)
+    pred = common.ClosedFormPredictor(4, alpha=0.5, eps=0.0, decay=0.0)
     u = torch.tensor([[1.0, 2.0, 0.0, 0.0]])
     pred.update(u)  # rank one: W_P projects onto u
     assert torch.isfinite(pred.W).all()
@@ -196,13 +196,13 @@ def test_degenerate_inputs():
         pred.update(torch.tensor([[float("nan"), 0, 0, 0]]))
     torch.testing.assert_close(pred.C, good)
     with pytest.raises(ValueError):
-        common.ClosedFormPredictor(4, alpha=0.0, eps=0.0, tau=0.5)
+        common.ClosedFormPredictor(4, alpha=0.0, eps=0.0, decay=0.5)
 
 
 def _gloo_rank(rank, init_file, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    pred = common.ClosedFormPredictor(5, **common.CLOSED_FORM["directpred"], tau=0.5)
+    pred = common.ClosedFormPredictor(5, **common.CLOSED_FORM["directpred"], decay=0.5)
     for step in range(3):
         z = torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * rank + step))
         pred.update(z)
@@ -217,7 +217,8 @@ def test_two_process_gloo_ranks_hold_the_same_C(tmp_path):
     # ... and that C is the one of the averaged batch terms.
     expect = torch.zeros(5, 5, dtype=torch.float64)
     for step in range(3):
-        zs = [torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * r + step)).double() for r in (0, 1)]
+        zs = [torch.randn(7, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(10 * r + step)).double()
+              for r in (0, 1)]
         expect = 0.5 * expect + 0.5 * sum(z.T @ z / 7 for z in zs) / 2
     torch.testing.assert_close(r0["C"], expect)
 
@@ -241,10 +242,12 @@ def test_health_metrics_tell_a_collapsed_representation_from_a_spread_one():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(2000, 16, generator=g) + 30  # a large shared mean, variance in every direction
     collapsed = torch.randn(2000, 1, generator=g) * torch.randn(1, 16, generator=g) + 30  # one direction only
-    assert common.effective_rank(common.centred_spectrum(spread)) > 15 and common.effective_rank(common.centred_spectrum(collapsed)) < 1.5
+    assert (common.effective_rank(common.centred_spectrum(spread)) > 15
+            and common.effective_rank(common.centred_spectrum(collapsed)) < 1.5)
     # the uncentred second moment cannot tell them apart: the mean dominates both
     assert common.participation_ratio(torch.linalg.eigvalsh(spread.T @ spread)) < 1.1
-    torch.testing.assert_close(common.centred_spectrum(spread), torch.linalg.eigvalsh(torch.cov(spread.T.double())).clamp_min(0))
+    torch.testing.assert_close(common.centred_spectrum(spread),
+                               torch.linalg.eigvalsh(torch.cov(spread.T.double())).clamp_min(0))
     assert common.effective_rank(torch.tensor([4.0, 4.0, 0.0])) == pytest.approx(2.0, rel=1e-6)
     y = torch.arange(4).repeat(50)
     bank = F.one_hot(y, 4).double() + 0.01 * torch.randn(200, 4, generator=g)
@@ -256,7 +259,7 @@ def test_mode_gradients_standard_is_isoloss_times_the_predictor_eigenvalue(loss)
     """The paper's statement in a measurable form: per eigenmode of C, the standard gradient at z is the
     IsoLoss gradient times the eigenvalue s_hat^alpha of W_P; only IsoLoss's cosine step lengthens z."""
     Z, _ = known_C()
-    pred = common.ClosedFormPredictor(6, alpha=0.5, eps=0.1, tau=0.0)
+    pred = common.ClosedFormPredictor(6, alpha=0.5, eps=0.1, decay=0.0)
     pred.update(Z)
     t = Z + 0.3 * torch.randn(Z.shape, generator=torch.Generator().manual_seed(1))
     out = common.mode_gradients(pred, loss, Z, t)
@@ -343,5 +346,6 @@ def test_the_probe_monitor_reads_features_that_a_large_shared_mean_hides_from_co
     probe = common.topk_accuracy(common.probe_scores(xb, yb, xt, 2), yt, ks=(1,))[0]
     knn = common.topk_accuracy(common.knn_scores(xb, yb, xt, 2, k=20), yt, ks=(1,))[0]
     assert probe == 1.0 and knn < 0.9
-    flat = common.probe_scores(torch.ones(10, 4), torch.arange(10) % 2, torch.ones(3, 4), 2)  # no spread at all: defined
+    # no spread at all: defined
+    flat = common.probe_scores(torch.ones(10, 4), torch.arange(10) % 2, torch.ones(3, 4), 2)
     assert torch.isfinite(flat).all()

@@ -114,8 +114,8 @@ def test_fashionmnist_trains_on_the_device_views_and_evaluates(tmp_path):
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["step"] == 2 and 0 <= record["knn_top1"] <= 100
     assert json.loads((out / "backbone.json").read_text())["small_stem"]
-    result = L.main(L.Args(checkpoint=str(out / "backbone.pt"), dataset="fashionmnist", data_dir=str(root), num_workers=0,
-                           crop=16, out_dir=str(tmp_path / "eval")))
+    result = L.main(L.Args(checkpoint=str(out / "backbone.pt"), dataset="fashionmnist", data_dir=str(root),
+                           num_workers=0, crop=16, out_dir=str(tmp_path / "eval")))
     assert 0 <= result["offline_linear"]["top1"] <= 100
 
 

@@ -29,7 +29,8 @@ def test_every_function_METHOD_md_names_exists():
     release_or_torch = {"validation_step", "torch.linalg.eigh", "torch.manual_seed", "run_ids"}
     code = "\n".join(text for path, text in SOURCES.items() if path.endswith(".py"))
     missing = [n for n in sorted(names - release_or_torch)
-               if not re.search(rf"^\s*(def|class) {re.escape(n.split('.')[-1])}\b|^{re.escape(n.split('.')[-1])} = ", code, re.M)]
+               if not re.search(rf"^\s*(def|class) {re.escape(n.split('.')[-1])}\b|^{re.escape(n.split('.')[-1])} = ",
+                                code, re.M)]
     assert len(names) > 15 and not missing, missing
 
 
@@ -58,27 +59,41 @@ def test_the_readmes_laptop_results_are_the_committed_files():
     """The README's tables are grid.md and figures.md as the commands wrote them, and every number its
     text quotes around them is in grid.json or figures.json."""
     results = REPO / "results" / "fashionmnist-laptop"
-    for name, table in (("laptop-grid-table", "grid.md"), ("fashionmnist-table", "figures.md"), ("seeds-table", "seeds/grid.md")):
+    for name, table in (("laptop-grid-table", "grid.md"), ("fashionmnist-table", "figures.md"),
+                        ("seeds-table", "seeds/grid.md")):
         written = (results / table).read_text()
         assert len([line for line in written.splitlines() if line.startswith("|")]) > 10
         assert block(name).strip() == written.strip(), f"README's {name} is not {results / table}"
-    grid, seeds, figures = (json.loads((results / name).read_text()) for name in ("grid.json", "seeds/grid.json", "figures.json"))
+    grid, seeds, figures = (json.loads((results / name).read_text())
+                            for name in ("grid.json", "seeds/grid.json", "figures.json"))
     known = set()
     for g in (grid, seeds):
-        known |= formatted([{k: v for k, v in r.items() if k != "provenance"} for r in g["runs"]]) | formatted(g["random_init"])
+        known |= (formatted([{k: v for k, v in r.items() if k != "provenance"} for r in g["runs"]])
+                  | formatted(g["random_init"]))
     second = json.loads((results / "euclidean-s1" / "figures.json").read_text())
     init = second["random_init"]
     known |= formatted(100 * init["knn"]["results"]["k=20"]["top1"]) | formatted(100 * init["offline_linear"]["top1"])
-    for r in [*figures["runs"].values(), *second["runs"].values()]:  # each run's numbers, and C's largest eigenvalue at its end
+    # each run's numbers, and C's largest eigenvalue at its end
+    for r in [*figures["runs"].values(), *second["runs"].values()]:
         known |= formatted({k: v for k, v in r.items() if k not in ("spectrum", "near_top_by_step")})
         known |= formatted(max(r["spectrum"][-1][1])) if r["spectrum"] else set()
     quoted = numbers(block("laptop-claims"))
     assert len(quoted) > 20 and not sorted(quoted - known)
     for figure in ("knn.png", "fig3.png", "fig7.png", "fig8.png", "ablations.png", "euclidean.png"):
-        assert (results / figure).is_file() and f"results/fashionmnist-laptop/{figure}" in (REPO / "README.md").read_text()
+        assert ((results / figure).is_file()
+                and f"results/fashionmnist-laptop/{figure}" in (REPO / "README.md").read_text())
 
 
 def test_the_readmes_toy_numbers_are_in_the_committed_summary():
     summary = json.loads((REPO / "results" / "toy_linear" / "summary.json").read_text())
     quoted = numbers(block("toy-table"))
     assert len(quoted) > 5 and not sorted(quoted - formatted(summary) - {"1e-9"})
+
+
+def test_no_python_line_is_over_120_characters():
+    """Every Python file git tracks (and a script at the root not committed yet) keeps its lines to 120 characters:
+    the two training scripts are read side by side, and their diff with them."""
+    limit = 120
+    long = [f"{path}:{n} ({len(line)} characters)" for path, text in sorted(SOURCES.items()) if path.endswith(".py")
+            for n, line in enumerate(text.splitlines(), 1) if len(line) > limit]
+    assert not long, f"lines over {limit} characters (wrap them): " + ", ".join(long)

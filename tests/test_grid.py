@@ -32,9 +32,9 @@ def test_the_grid_is_every_row_with_and_without_ema_and_the_ablations_without():
     assert ("no-predictor", "ema") not in rows and ("no-stop-grad", "no-ema") in rows and ("isoloss", "ema") in rows
     iso = next(j for j in jobs if (j["row"], j["target"], j["seed"]) == ("isoloss", "no-ema", 1))
     run = "runs/fashionmnist-laptop/cosine-isoloss-noema-wd0.0001-s1"
-    assert iso["cmds"][0] == ["train_simsiam.py", "laptop", "--predictor", "directpred", "--isoloss", "--loss", "cosine",
-                              "--weight-decay", "0.0001", "--dataset", "fashionmnist", "--data-dir", "data", "--out-dir", run,
-                              "--log-every", "1000", "--seed", "1"]
+    assert iso["cmds"][0] == ["train_simsiam.py", "laptop", "--predictor", "directpred", "--isoloss",
+                              "--loss", "cosine", "--weight-decay", "0.0001", "--dataset", "fashionmnist",
+                              "--data-dir", "data", "--out-dir", run, "--log-every", "1000", "--seed", "1"]
     assert iso["cmds"][1][:3] == ["linear_eval.py", "--checkpoint", f"{run}/backbone.pt"]
     assert {j["cmds"][0][1] for j in G.plan(G.Args(dataset=("cifar10",)))} == {"byol", "simsiam"}  # the paper's presets
 
@@ -79,16 +79,17 @@ def test_each_training_command_of_the_grid_takes_a_step(tmp_path, cifar, name):
     job = next(j for j in G.plan(G.Args(dataset=("cifar10",))) if j["dir"].name == name)
     script, *argv = job["cmds"][0]
     module = B if script == "train_byol.py" else S
-    args = dataclasses.replace(module.parse(argv), data_dir=str(cifar), out_dir=str(tmp_path / "run"), width=0.0625, proj_hidden=32,
-                               proj_dim=16, pred_hidden=32, batch_size=8, num_workers=0, log_every=1, warmup_epochs=0, epochs=1,
-                               steps_per_epoch=1, knn_k=5)
+    args = dataclasses.replace(module.parse(argv), data_dir=str(cifar), out_dir=str(tmp_path / "run"), width=0.0625,
+                               proj_hidden=32, proj_dim=16, pred_hidden=32, batch_size=8, num_workers=0, log_every=1,
+                               warmup_epochs=0, epochs=1, steps_per_epoch=1, knn_k=5)
     learner = module.train(args)
     (rec,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rec["step"] == 1 and rec["loss"] == rec["loss"]
     kinds = {"mlp": "MLPPredictor", "no-stop-grad": "MLPPredictor", "no-predictor": "Identity"}
     assert type(learner.predictor).__name__ == kinds.get(job["row"], "ClosedFormPredictor")
     assert learner.args.isoloss == job["row"].startswith("isoloss")
-    assert getattr(learner.args, "stop_grad", True) == (job["row"] != "no-stop-grad")  # train_byol.py has no such switch
+    # train_byol.py has no such switch
+    assert getattr(learner.args, "stop_grad", True) == (job["row"] != "no-stop-grad")
 
 
 def test_mixed_scales_and_too_few_gpus_are_one_line():
@@ -101,7 +102,8 @@ def test_mixed_scales_and_too_few_gpus_are_one_line():
         else:
             raise AssertionError(expect)
     assert G.slots("0,1,2,3", 2, 1) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
-    assert G.launch(["train_byol.py", "byol"], 2)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert G.launch(["train_byol.py", "byol"], 2)[1:5] == ["-m", "torch.distributed.run", "--standalone",
+                                                            "--nproc_per_node=2"]
     assert G.launch(["linear_eval.py"], 2)[1:] == ["linear_eval.py"]
 
 
@@ -113,7 +115,8 @@ def test_the_dry_run_prints_every_run_its_commands_and_the_time_it_will_take(cap
     assert out.count("python train_byol.py byol") == 5 and out.count("python train_simsiam.py simsiam") == 7
     assert out.count("python linear_eval.py") == 12 and out.count("195000 steps") == 12  # 50,000 // 256 x 1,000 epochs
     assert "on one H200" in out and "cifar10 " in out.splitlines()[-1] and "here (not timed)" not in out
-    # Table 1's weight decay in the commands; on a GPU every run draws its views there, and each line says what bounds it.
+    # Table 1's weight decay in the commands; on a GPU every run draws its views there, and each line says what
+    # bounds it.
     assert out.count("--weight-decay 0.0001") == 8 and out.count("--weight-decay 1e-05") == 4
     assert out.count("(device views; bound by steps)") == 12 and out.count("(loader views; bound by ") == 12  # CPU here
 

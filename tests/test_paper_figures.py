@@ -35,14 +35,15 @@ def test_each_figure_plans_the_papers_runs_with_the_method_and_nothing_else_chan
 
 def test_a_run_that_diverges_is_reported_and_not_run_again(tmp_path):
     data = write_fashionmnist(tmp_path / "fmnist", n_train_per_class=4, n_test_per_class=2)
-    args = P.Args(figures=("ablations",), data_dir=str(data), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "figs"),
-                  train_args=TINY + " --lr 1e30")
+    args = P.Args(figures=("ablations",), data_dir=str(data), runs_dir=str(tmp_path / "runs"),
+                  results_dir=str(tmp_path / "figs"), train_args=TINY + " --lr 1e30")
     runs = tmp_path / "runs" / "fashionmnist-laptop"
     results = P.main(args)
     for name in ("cosine-no-predictor-noema-s0", "cosine-no-stop-grad-noema-s0"):
         assert "NaN or Inf" in (runs / name / "failed.txt").read_text()
         # It stopped within its first epoch: no spectrum to draw, but the fault is its result.
-        assert results[name]["step"] is None and "NaN or Inf" in results[name]["failed"] and not results[name]["spectrum"]
+        assert (results[name]["step"] is None and "NaN or Inf" in results[name]["failed"]
+                and not results[name]["spectrum"])
         assert f"| `{name}` (stopped: " in (tmp_path / "figs" / "figures.md").read_text()
     assert "ablations.png" in [p.name for p in (tmp_path / "figs").iterdir()]
     log = (runs / "cosine-no-predictor-noema-s0" / "log.txt").read_text()
@@ -52,7 +53,8 @@ def test_a_run_that_diverges_is_reported_and_not_run_again(tmp_path):
 
 def test_the_table_says_where_a_run_stopped():
     row = dict(name="euclidean-mlp-ema", step=200, knn=None, linear=None, std=0.09, mean_share_z=None, near_top=2,
-               collapse_warning=False, wall_time_s=60.0, failed="error: NaN or Inf in the weights after step 300, not saved. The run stopped")
+               collapse_warning=False, wall_time_s=60.0,
+               failed="error: NaN or Inf in the weights after step 300, not saved. The run stopped")
     text = P.table({"euclidean-mlp-ema": row}, None, "header")
     assert "`euclidean-mlp-ema` (stopped: NaN or Inf by step 300) | 200 | - | - |" in text
 
@@ -96,8 +98,8 @@ def test_drawing_never_loses_committed_results(tmp_path, capsys):
 def test_fig4_is_drawn_from_two_tiny_runs_of_the_learnable_linear_predictor(tmp_path, no_onednn):
     import train_byol as B
     data = write_fashionmnist(tmp_path / "fmnist", n_train_per_class=4, n_test_per_class=2)
-    args = P.Args(figures=("4",), data_dir=str(data), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "figs"),
-                  train_args=TINY + " --num-workers 0")
+    args = P.Args(figures=("4",), data_dir=str(data), runs_dir=str(tmp_path / "runs"),
+                  results_dir=str(tmp_path / "figs"), train_args=TINY + " --num-workers 0")
     _, _, jobs = P.plan(args)
     assert [j["name"] for j in jobs] == ["cosine-linear-ema-s0", "euclidean-linear-ema-s0"]
     for job in jobs:  # the figure's own commands, in this process

@@ -20,7 +20,8 @@ import train_simsiam as S
 from tiny_data import write_cifar10, write_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
-TIMING = {"images_per_s", "wall_time_s", "train_s", "epoch_s"}  # the only fields of metrics.jsonl that may differ between runs
+# the only fields of metrics.jsonl that may differ between runs
+TIMING = {"images_per_s", "wall_time_s", "train_s", "epoch_s"}
 
 # A subprocess that runs train_byol.main with the same kernels as the in-process runs of this module
 # (see conftest.no_onednn), optionally hanging in the middle of writing the checkpoint of step SLOW_SAVE_AT.
@@ -57,8 +58,8 @@ def cifar(tmp_path_factory):
 def argv_for(cifar, out, *extra, preset="isoloss"):
     # 3 epochs of 4 steps, a warm-up epoch: closed-form predictor (C), EMA target, LARS. On the CPU even
     # where there is a GPU: bit for bit is promised there only (cuDNN autotuning and TF32 are not exact).
-    return [preset, "--device", "cpu", "--dataset", "cifar10", "--data-dir", str(cifar), "--out-dir", str(out), "--epochs", "3",
-            "--steps-per-epoch", "4", "--batch-size", "16", "--width", "0.0625", "--proj-hidden", "32",
+    return [preset, "--device", "cpu", "--dataset", "cifar10", "--data-dir", str(cifar), "--out-dir", str(out),
+            "--epochs", "3", "--steps-per-epoch", "4", "--batch-size", "16", "--width", "0.0625", "--proj-hidden", "32",
             "--proj-dim", "16", "--pred-hidden", "32", "--warmup-epochs", "1", "--num-workers", "0", *extra]
 
 
@@ -150,7 +151,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, cifar, referen
     argv = argv_for(cifar, out, "--log-every", "1")
     kill_when(tmp_path, argv, "SAVING", env={"SLOW_SAVE_AT": "8"})  # half of the step-8 checkpoint written
     assert common.load_checkpoint(out / "last.pt")["step"] == 4
-    assert list(out.glob(".last.pt.*.tmp")), "the half-written file should still be there for this test to mean anything"
+    assert list(out.glob(".last.pt.*.tmp")), \
+        "the half-written file should still be there for this test to mean anything"
     B.main(argv=argv)
     assert not list(out.glob(".*.tmp"))
     assert_same_run(out, reference)
@@ -314,9 +316,9 @@ def test_nan_in_the_loss_is_caught_on_a_logging_step(tmp_path, cifar, monkeypatc
     real = common.pair_loss
 
     def poisoned(*args, **kwargs):
-        loss, plain = real(*args, **kwargs)
+        loss, cosine = real(*args, **kwargs)
         poisoned.calls += 1
-        return (loss * float("nan") if poisoned.calls == 5 else loss), plain  # two view orders a step: step 3
+        return (loss * float("nan") if poisoned.calls == 5 else loss), cosine  # two view orders a step: step 3
     poisoned.calls = 0
     monkeypatch.setattr(common, "pair_loss", poisoned)
     out = tmp_path / "run"

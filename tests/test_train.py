@@ -42,7 +42,8 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     return dict(cifar=write_cifar10(root / "cifar", n_train_per_class=4, n_test_per_class=2),
                 fmnist=write_fashionmnist(root / "fmnist", n_train_per_class=2, n_test_per_class=1),
-                folder=write_imagefolder(root / "folder", n_classes=4, n_train_per_class=16, n_val_per_class=2, size=32))
+                folder=write_imagefolder(root / "folder", n_classes=4, n_train_per_class=16, n_val_per_class=2,
+                                         size=32))
 
 
 def tiny(preset, data, dataset: str, out: Path, **kw):
@@ -67,11 +68,11 @@ def run_script(*argv, timeout=300):
                                                    ("train_simsiam.py", "isoloss", "cifar10")])
 def test_end_to_end_writes_everything_and_a_torchvision_backbone(tmp_path, data, script, preset, dataset):
     out = tmp_path / "run"
-    where = ["--dataset", "imagefolder", "--data-dir", str(data["folder"]), "--crop", "16"] if dataset == "imagefolder" \
-        else ["--dataset", "cifar10", "--data-dir", str(data["cifar"])]
+    where = (["--dataset", "imagefolder", "--data-dir", str(data["folder"]), "--crop", "16"] if dataset == "imagefolder"
+             else ["--dataset", "cifar10", "--data-dir", str(data["cifar"])])
     r = run_script(script, preset, *where, "--out-dir", str(out), "--epochs", "2", "--steps-per-epoch", "1",
-                   "--batch-size", "4", "--width", "0.0625", "--proj-hidden", "32", "--proj-dim", "16", "--pred-hidden", "32",
-                   "--num-workers", "0", "--warmup-epochs", "0", "--log-every", "1")
+                   "--batch-size", "4", "--width", "0.0625", "--proj-hidden", "32", "--proj-dim", "16",
+                   "--pred-hidden", "32", "--num-workers", "0", "--warmup-epochs", "0", "--log-every", "1")
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stdout and "ETA" in r.stdout  # the progress line
     for name in ("metrics.jsonl", "eigenvalues.png", "online_readout.png", "last.pt", "backbone.pt", "backbone.json",
@@ -89,7 +90,8 @@ def test_end_to_end_writes_everything_and_a_torchvision_backbone(tmp_path, data,
     for where in ("config.json", "backbone.json"):
         made_by = json.loads((out / where).read_text())["provenance"]
         assert made_by["git_commit"] == head and isinstance(made_by["git_dirty"], bool), where
-        assert (made_by["torch"], made_by["torchvision"]) == (torch.__version__, torchvision.__version__) and made_by["cpu"]
+        assert ((made_by["torch"], made_by["torchvision"]) == (torch.__version__, torchvision.__version__)
+                and made_by["cpu"])
 
     # A tiny width has torchvision's parameter names with smaller tensors; width 1 is tested below.
     state = torch.load(out / "backbone.pt", weights_only=True)
@@ -108,7 +110,8 @@ def test_the_readmes_loading_lines_load_the_backbone_into_torchvision(tmp_path, 
     """The README's own code block, executed: the release's small stem (padding 2, no max-pool) for 32-pixel
     crops, torchvision's own stem for TinyImageNet's 64 and STL-10's 96; the features are the same."""
     readme = (REPO / "README.md").read_text()
-    block = readme.split("The backbone loads into a plain torchvision ResNet-18:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = (readme.split("The backbone loads into a plain torchvision ResNet-18:", 1)[1]
+             .split("```python\n", 1)[1].split("```", 1)[0])
     assert block.count('run = "') == 1
     small_stem = common.uses_small_stem(crop)
     learner = B.Learner(dataclasses.replace(B.Args(), proj_hidden=32, proj_dim=16), 10, small_stem)
@@ -132,7 +135,8 @@ def test_presets_the_grid_does_not_run_take_a_step(tmp_path, data, script, name)
     module = B if script == "byol" else S
     preset = module.PRESETS[name][1]
     # The laptop presets on their own data, the others: BYOL on the CIFAR reader, SimSiam on ImageFolder.
-    dataset = {"cpu-demo": "digits", "laptop": "fashionmnist"}.get(name, "cifar10" if script == "byol" else "imagefolder")
+    dataset = {"cpu-demo": "digits", "laptop": "fashionmnist"}.get(
+        name, "cifar10" if script == "byol" else "imagefolder")
     args = tiny(preset, data, dataset, tmp_path / "run")
     learner = module.train(args)
     (rec,) = metrics(tmp_path / "run")
@@ -152,10 +156,11 @@ def test_presets_hold_the_papers_settings():
             learner = module.Learner(dataclasses.replace(a, **TINY), 2, True)
             assert hasattr(learner, "target") is ema, name
             optimizer = module.make_optimizer(a, learner)
-            assert isinstance(optimizer, B.LARS if ema else torch.optim.SGD), name
+            assert isinstance(optimizer, common.LARS if ema else torch.optim.SGD), name
             if name in ("cpu-demo", "laptop"):  # laptop scale; the long laptop runs keep the paper's optimiser
                 if name == "laptop":
-                    assert (a.lr, a.weight_decay, a.tau_c, a.momentum) == ((1.0, 1e-5, 0.998, 0.9) if ema else (0.1, 1e-5, 0.5, 0.9))
+                    assert (a.lr, a.weight_decay, a.tau_c, a.momentum) == ((1.0, 1e-5, 0.998, 0.9) if ema
+                                                                            else (0.1, 1e-5, 0.5, 0.9))
                 continue
             assert a.weight_decay == 1e-5, name  # every method, the release's configs (METHOD.md 6)
             assert (a.lr, a.tau_c) == ((1.0, 0.998) if ema else (0.1, 0.5)), name
@@ -168,7 +173,8 @@ def test_presets_hold_the_papers_settings():
 
 def test_command_line_preset_then_overrides():
     a = B.parse(["isoloss", "--dataset", "cifar100", "--weight-decay", "3e-4"])
-    assert (a.predictor, a.isoloss, a.dataset, a.weight_decay, a.name) == ("directpred", True, "cifar100", 3e-4, "byol-isoloss")
+    assert (a.predictor, a.isoloss, a.dataset, a.weight_decay, a.name) == ("directpred", True, "cifar100", 3e-4,
+                                                                           "byol-isoloss")
     a = S.parse(["no-stop-grad", "--epochs", "5"])
     assert (a.stop_grad, a.epochs, a.name) == (False, 5, "simsiam-no-stop-grad")
 
@@ -210,7 +216,8 @@ def test_the_two_scripts_are_the_same_outside_their_method_blocks():
         assert not inside and labels, path
         return kept
     byol, simsiam = outside("train_byol.py"), outside("train_simsiam.py")
-    assert byol == simsiam, "\n".join(difflib.unified_diff(byol, simsiam, "train_byol.py", "train_simsiam.py", lineterm=""))
+    assert byol == simsiam, "\n".join(difflib.unified_diff(byol, simsiam, "train_byol.py", "train_simsiam.py",
+                                                           lineterm=""))
     for path in ("train_byol.py", "train_simsiam.py"):  # neither imports the other
         assert not re.search(r"^\s*(import|from) train_", (REPO / path).read_text(), re.M), path
 
@@ -241,7 +248,8 @@ def test_learning_rate_is_the_releases_warmup_then_cosine():
     assert B.lr_at(600, total, warm, peak) == pytest.approx(peak / 2)
     assert B.lr_at(1100, total, warm, peak) == pytest.approx(0.0, abs=1e-12)
     assert B.lr_at(0, total, 0, peak) == pytest.approx(peak)  # no warm-up: the peak from the start
-    assert S.lr_at is not B.lr_at and all(S.lr_at(k, total, warm, peak) == B.lr_at(k, total, warm, peak) for k in (0, 1, 100))
+    assert S.lr_at is not B.lr_at and all(S.lr_at(k, total, warm, peak) == B.lr_at(k, total, warm, peak)
+                                          for k in (0, 1, 100))
 
 
 @pytest.mark.parametrize("module", [B, S])
@@ -291,10 +299,11 @@ def test_lars_matches_the_releases_update():
     """eta |w| / (|g| + wd |w| + 1e-8), clipped at 1 after dividing by the lr; a zero |w| or |g| leaves the plain
     gradient, without decay; groups with lars=False get plain momentum SGD."""
     torch.manual_seed(0)
-    w, still, fresh, b = (nn.Parameter(t) for t in (torch.randn(4, 3), torch.randn(5, 2), torch.zeros(2, 2), torch.randn(3)))
+    w, still, fresh, b = (nn.Parameter(t)
+                          for t in (torch.randn(4, 3), torch.randn(5, 2), torch.zeros(2, 2), torch.randn(3)))
     g = {w: torch.randn(4, 3), still: torch.zeros(5, 2), fresh: torch.randn(2, 2), b: torch.randn(3)}
-    opt = B.LARS([dict(params=[w, still, fresh]), dict(params=[b], weight_decay=0.0, lars=False)], lr=0.5, momentum=0.9,
-                 weight_decay=1e-2, eta=0.02)
+    opt = common.LARS([dict(params=[w, still, fresh]), dict(params=[b], weight_decay=0.0, lars=False)], lr=0.5,
+                      momentum=0.9, weight_decay=1e-2, eta=0.02)
     before = {p: p.detach().clone() for p in g}
     for p, grad in g.items():
         p.grad = grad.clone()
@@ -348,7 +357,7 @@ def test_loss_is_the_sum_of_both_view_orders_with_the_stop_gradient_where_it_bel
     x1, x2 = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 16, generator=g)
     y = torch.tensor([0, 1, 2, 0, 1, -1])  # -1: an unlabeled image (STL-10), ignored by the readout
     params = [*learner.online_parameters(), learner.predictor.weight]
-    loss, ssl, plain, ce, std = learner(x1, x2, y)
+    loss, ssl, cosine, ce, std = learner(x1, x2, y)
     got = torch.autograd.grad(loss, params)
 
     # By hand. In training mode BatchNorm uses batch statistics, so a second pass gives the same outputs.
@@ -371,16 +380,17 @@ def test_loss_is_the_sum_of_both_view_orders_with_the_stop_gradient_where_it_bel
         assert not any(p.requires_grad for p in learner.target.parameters())
     # The readout: the mean over both views of the cross-entropy of the labelled images (the release's).
     f1, f2 = learner.backbone(x1), learner.backbone(x2)
-    want_ce = (F.cross_entropy(learner.readout(f1), y, ignore_index=-1) + F.cross_entropy(learner.readout(f2), y, ignore_index=-1)) / 2
+    want_ce = (F.cross_entropy(learner.readout(f1), y, ignore_index=-1)
+               + F.cross_entropy(learner.readout(f2), y, ignore_index=-1)) / 2
     torch.testing.assert_close(ce, want_ce.detach())
 
 
 @pytest.mark.parametrize("ema", [True, False])
 def test_C_takes_each_view_in_turn_and_each_view_is_predicted_with_its_own_W_P(ema):
-    """The release's order: C <- tau C + (1 - tau) S1, view 1 predicted from it; then C <- tau C + (1 - tau) S2,
-    view 2 predicted from that; so C ends at tau^2 C0 + tau (1 - tau) S1 + (1 - tau) S2."""
-    tau = 0.5
-    learner = small_learner(ema, predictor="directpred", tau_c=tau)
+    """The release's order: C <- tau_c C + (1 - tau_c) S1, view 1 predicted from it; then C <- tau_c C + (1 - tau_c) S2,
+    view 2 predicted from that; so C ends at tau_c^2 C0 + tau_c (1 - tau_c) S1 + (1 - tau_c) S2."""
+    tau_c = 0.5
+    learner = small_learner(ema, predictor="directpred", tau_c=tau_c)
     g = torch.Generator().manual_seed(2)
     A = torch.randn(16, 16, generator=g, dtype=torch.float64)
     C0 = A @ A.T / 16
@@ -395,14 +405,14 @@ def test_C_takes_each_view_in_turn_and_each_view_is_predicted_with_its_own_W_P(e
     with torch.no_grad():
         t1, t2 = (learner.target(x1), learner.target(x2)) if ema else (z1, z2)
     S1, S2 = (z.double().T @ z.double() / len(z) for z in (z1, z2))
-    after1 = tau * C0 + (1 - tau) * S1
-    after2 = tau * after1 + (1 - tau) * S2
+    after1 = tau_c * C0 + (1 - tau_c) * S1
+    after2 = tau_c * after1 + (1 - tau_c) * S2
 
     def W_of(Cm):  # DirectPred: W_P = U diag((s / max s)^0.5) U^T
         s, U = torch.linalg.eigh(Cm)
         return (U * (s.clamp_min(0) / s.max()).sqrt()) @ U.T
     torch.testing.assert_close(learner.predictor.C, after2)
-    torch.testing.assert_close(after2, tau**2 * C0 + tau * (1 - tau) * S1 + (1 - tau) * S2)
+    torch.testing.assert_close(after2, tau_c**2 * C0 + tau_c * (1 - tau_c) * S1 + (1 - tau_c) * S2)
     assert len(seen) == 2
     for (z, W), want_z, C_then in zip(seen, (z1, z2), (after1, after2)):
         torch.testing.assert_close(z, want_z)

@@ -36,7 +36,6 @@ import json
 import math
 import re
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -97,3 +97,28 @@ def test_no_python_line_is_over_120_characters():
     long = [f"{path}:{n} ({len(line)} characters)" for path, text in sorted(SOURCES.items()) if path.endswith(".py")
             for n, line in enumerate(text.splitlines(), 1) if len(line) > limit]
     assert not long, f"lines over {limit} characters (wrap them): " + ", ".join(long)
+
+
+def test_the_readmes_isoloss_snippet_is_the_training_scripts_loss():
+    """The README's IsoLoss code block, executed: its loss and its gradient are those of common.pair_loss, the
+    training scripts' loss, on the same views (each order folded into C before it is predicted)."""
+    import torch
+    import common
+    block = (REPO / "README.md").read_text().split("## IsoLoss in your own code", 1)[1]
+    scope = {}
+    exec(block.split("```python\n", 1)[1].split("```", 1)[0], scope)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 256)
+    x1, x2 = torch.randn(32, 8), torch.randn(32, 8)
+    z1, z2 = net(x1), net(x2)
+    loss = scope["isoloss"](z1, z2, z1.detach(), z2.detach())  # no EMA target: t = z, detached
+    grad = torch.autograd.grad(loss, net.weight)[0]
+    reference = common.ClosedFormPredictor(dim=256, alpha=0.5, eps=0.0, decay=0.998)
+    z1, z2 = net(x1), net(x2)
+    expected = 0.0
+    for z, t in ((z1, z2.detach()), (z2, z1.detach())):
+        reference.update(z)
+        expected = expected + common.pair_loss("cosine", True, reference, z, t)[0]
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, net.weight)[0])
+    assert torch.equal(scope["predictor"].C, reference.C) and grad.abs().sum() > 0

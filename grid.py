@@ -586,12 +586,14 @@ def main(args: Args) -> list[dict]:
     t0 = time.perf_counter()
     if not args.collect:
         execute(todo, envs, args.gpus_per_run)
+    finished = {j["dir"].name for j in jobs if (j["dir"] / "linear_eval.json").exists()}
     kept = earlier_records(results_dir / "grid.json", todo) if args.collect else {}
-    results = [collect(j) if (j["dir"] / "linear_eval.json").exists() else kept[j["dir"].name] for j in jobs
-               if j not in todo or j["dir"].name in kept]
-    print("".join(f"  not finished (left out): {j['dir']}\n" for j in todo if j["dir"].name not in kept), end="")
+    results = [collect(j) if j["dir"].name in finished else kept[j["dir"].name] for j in jobs
+               if j["dir"].name in finished | kept.keys()]
+    missing = [j for j in jobs if j["dir"].name not in finished | kept.keys()]
+    print("".join(f"  not finished (left out): {j['dir']}\n" for j in missing), end="")
     if not results:
-        raise SystemExit("error: --collect: no run of the grid has finished yet")
+        raise SystemExit("error: no run of the grid has finished yet")
     refs = {}
     for dataset in args.dataset:
         for seed in args.seeds:

@@ -168,3 +168,33 @@ def test_linear_eval_stops_with_one_line_naming_a_truncated_image(broken_folder,
     args = L.Args(checkpoint=str(tmp_path / "backbone.pt"), dataset="imagefolder", data_dir=str(folder), crop=16,
                   num_workers=workers)
     assert str(bad) in one_error_line(capsys, lambda: L.main(args))
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_a_data_set_added_as_the_readme_says_trains_on_both_view_paths(tmp_path, monkeypatch, augment_on, no_onednn):
+    """The README's contract: a load_dataset branch returning an InMemory subclass (uint8 N x H x W x 3 `data`,
+    `targets`, `classes`) and its size in CROP_SIZE is all a training script needs, on either view path."""
+    import dataclasses
+
+    class Squares(D.InMemory):
+        classes = ["dark", "bright"]
+
+        def __init__(self, split, transform=None):
+            rng = np.random.default_rng(split == "test")
+            self.targets = [i % 2 for i in range(24)]
+            self.data = np.stack([np.full((24, 24, 3), 60 + 120 * y, np.uint8) + rng.integers(0, 30, (24, 24, 3),
+                                                                                          dtype=np.uint8)
+                                  for y in self.targets])
+            self.transform = transform
+
+    real = D.load_dataset
+    monkeypatch.setattr(D, "load_dataset", lambda name, *a, **k: Squares(a[1], *a[2:3]) if name == "squares"
+                        else real(name, *a, **k))
+    monkeypatch.setitem(D.CROP_SIZE, "squares", 24)
+    args = dataclasses.replace(B.PRESETS["byol"][1], dataset="squares", out_dir=str(tmp_path / "run"), crop=16,
+                               width=0.0625, proj_hidden=32, proj_dim=16, pred_hidden=32, batch_size=8, num_workers=0,
+                               epochs=1, steps_per_epoch=2, warmup_epochs=0, knn_k=5, augment_on=augment_on)
+    B.train(args)
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 2 and record["knn_top1"] is not None
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment_on"] == augment_on

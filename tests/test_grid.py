@@ -147,7 +147,7 @@ def test_download_is_the_data_step_before_any_run(monkeypatch, tmp_path, capsys)
     fetched = []
     monkeypatch.setattr(D, "fetch", lambda name, root: fetched.append((name, root)))
     monkeypatch.setattr(G, "execute", lambda *a, **k: fetched.append("runs"))
-    with pytest.raises(FileNotFoundError):  # no run has written anything: collecting fails after the data step
+    with pytest.raises(SystemExit, match="no run of the grid has finished"):  # the data step came first
         G.main(G.Args(dataset=("cifar10", "cifar100"), download=True, data_dir=str(tmp_path), runs_dir=str(tmp_path)))
     assert fetched == [("cifar10", str(tmp_path)), ("cifar100", str(tmp_path)), "runs"]
     monkeypatch.undo()
@@ -203,18 +203,21 @@ def test_the_paper_grid_on_tiny_data_killed_part_way_then_resumed(tmp_path):
     from_backbone = json.loads((iso_ema / "linear_eval.json").read_text())
     assert from_last["backbone"]["sha256"] == from_backbone["backbone"]["sha256"]
     assert from_last["offline_linear"] == from_backbone["offline_linear"] and from_last["knn"] == from_backbone["knn"]
-    # --collect trains nothing: a run whose directory is gone (made on another machine, say) keeps its record
-    # from the results folder's grid.json; one with neither is listed and left out.
+    # --collect trains nothing: a run without a finished directory here (made on another machine, say) keeps its
+    # record from the results folder's grid.json; without such a record it is listed and left out.
     (runs / G.run_name("mlp", ema=False)).rename(tmp_path / "elsewhere")
-    (runs / G.run_name("isoloss", ema=False, wd=1e-4) / "linear_eval.json").unlink()
-    collected = G.main(G.Args(dataset=("cifar10",), data_dir=str(data), epochs=1, train_args=TINY, rows=ROWS,
-                              runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"), collect=True))
     unfinished = G.run_name("isoloss", ema=False, wd=1e-4)
-    assert [r["run"] for r in collected] == [r["run"] for r in results if r["run"] != unfinished]
-    moved = next(r for r in collected if r.get("kept_from"))
-    assert moved["run"] == G.run_name("mlp", ema=False)
-    assert moved["knn"] == next(r["knn"] for r in results if r["run"] == moved["run"])
-    assert f"`{moved['run']}` (kept from the table of" in (tmp_path / "results" / "grid.md").read_text()
+    (runs / unfinished / "linear_eval.json").unlink()
+    for results_dir, expect in ((tmp_path / "results", 4), (tmp_path / "fresh", 2)):
+        collected = G.main(G.Args(dataset=("cifar10",), data_dir=str(data), epochs=1, train_args=TINY, rows=ROWS,
+                                  runs_dir=str(tmp_path / "runs"), results_dir=str(results_dir), collect=True))
+        assert len(collected) == expect and not (runs / unfinished / "linear_eval.json").exists()  # nothing ran
+    kept = [r for r in G.main(G.Args(dataset=("cifar10",), data_dir=str(data), epochs=1, train_args=TINY, rows=ROWS,
+                                     runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"),
+                                     collect=True)) if r.get("kept_from")]
+    assert sorted(r["run"] for r in kept) == sorted([G.run_name("mlp", ema=False), unfinished])
+    assert all(r["knn"] == next(x["knn"] for x in results if x["run"] == r["run"]) for r in kept)
+    assert f"`{kept[0]['run']}` (kept from the table of" in (tmp_path / "results" / "grid.md").read_text()
     # The figure command draws Fig. 3 from these runs, training nothing: BYOL's run is Table 1's and Fig. 3's alike
     # (weight decay 1e-5 in both); the closed-form runs are not (Table 1's are at 1e-4), and their panels say so.
     figs = P.main(P.Args(figures=("3",), scale="paper", dataset="cifar10", runs_dir=str(tmp_path / "runs"),

@@ -3,7 +3,7 @@
 over the simulation.
 
 Reproduce the paper's toy figures (Figs. 2, 5, 6, summary.json; about half a minute on a
-2-core CPU, over half of it the 100,000-step no-predictor runs; README.md's Speed section has the measured time):
+2-core CPU, over half of it the 100,000-step no-predictor runs; results/bench/README.md has the measured time):
     python toy_linear.py
 Only some figures or settings, noise on both views, the notebook's 50,000 samples per step:
     python toy_linear.py --figures fig2 --settings euclidean-standard euclidean-isoloss

@@ -34,10 +34,12 @@ def test_every_function_METHOD_md_names_exists():
     assert len(names) > 15 and not missing, missing
 
 
-def block(name: str) -> str:
-    """The README's text between <!-- NAME --> and <!-- /NAME -->."""
-    readme = (REPO / "README.md").read_text()
-    return readme.split(f"<!-- {name} -->\n", 1)[1].split(f"<!-- /{name} -->", 1)[0]
+LAPTOP = REPO / "results" / "fashionmnist-laptop"
+
+
+def block(name: str, page: Path = REPO / "README.md") -> str:
+    """A page's text between <!-- NAME --> and <!-- /NAME --> (the README, or a result set's README.md)."""
+    return page.read_text().split(f"<!-- {name} -->\n", 1)[1].split(f"<!-- /{name} -->", 1)[0]
 
 
 def numbers(text: str) -> set[str]:
@@ -55,15 +57,10 @@ def formatted(value, places=(1, 2, 3)) -> set[str]:
     return set()
 
 
-def test_the_readmes_laptop_results_are_the_committed_files():
-    """The README's tables are grid.md and figures.md as the commands wrote them, and every number its
-    text quotes around them is in grid.json or figures.json."""
-    results = REPO / "results" / "fashionmnist-laptop"
-    for name, table in (("laptop-grid-table", "grid.md"), ("fashionmnist-table", "figures.md"),
-                        ("seeds-table", "seeds/grid.md")):
-        written = (results / table).read_text()
-        assert len([line for line in written.splitlines() if line.startswith("|")]) > 10
-        assert block(name).strip() == written.strip(), f"README's {name} is not {results / table}"
+def laptop_numbers() -> set[str]:
+    """Every way a page may print a number of the laptop set's grid.json, seeds/grid.json or figures.json (each
+    run's numbers, and C's largest eigenvalue at its end), or of the second seed's random init."""
+    results = LAPTOP
     grid, seeds, figures = (json.loads((results / name).read_text())
                             for name in ("grid.json", "seeds/grid.json", "figures.json"))
     known = set()
@@ -77,16 +74,47 @@ def test_the_readmes_laptop_results_are_the_committed_files():
     for r in [*figures["runs"].values(), *second["runs"].values()]:
         known |= formatted({k: v for k, v in r.items() if k not in ("spectrum", "near_top_by_step")})
         known |= formatted(max(r["spectrum"][-1][1])) if r["spectrum"] else set()
-    quoted = numbers(block("laptop-claims"))
-    assert len(quoted) > 20 and not sorted(quoted - known)
+    return known
+
+
+def test_the_laptop_results_page_is_the_committed_files():
+    """results/fashionmnist-laptop/README.md: its tables are grid.md and figures.md as the commands wrote them,
+    every number its claims quote is in the set's JSON, and it shows every figure of the set."""
+    page = LAPTOP / "README.md"
+    for name, table in (("laptop-grid-table", "grid.md"), ("fashionmnist-table", "figures.md"),
+                        ("seeds-table", "seeds/grid.md")):
+        written = (LAPTOP / table).read_text()
+        assert len([line for line in written.splitlines() if line.startswith("|")]) > 10
+        assert block(name, page).strip() == written.strip(), f"{page}'s {name} is not {LAPTOP / table}"
+    quoted = numbers(block("laptop-claims", page))
+    assert len(quoted) > 20 and not sorted(quoted - laptop_numbers())
     for figure in ("knn.png", "fig3.png", "fig7.png", "fig8.png", "ablations.png", "euclidean.png"):
-        assert ((results / figure).is_file()
-                and f"results/fashionmnist-laptop/{figure}" in (REPO / "README.md").read_text())
+        assert (LAPTOP / figure).is_file() and f"]({figure})" in page.read_text(), figure
+
+
+def test_the_readme_quotes_only_committed_numbers_once_each():
+    """The README's laptop table is the head of grid.md; its findings quote only numbers of the set's JSON; and
+    no number stands twice in the README's results (a number belongs to one place)."""
+    table = block("readme-grid-table")
+    assert table.count("\n|") >= 8 and table.strip() in (LAPTOP / "grid.md").read_text()
+    findings = block("readme-findings")
+    assert numbers(findings) and not sorted(numbers(findings) - laptop_numbers())
+    assert not numbers(findings) & numbers(table)
+    runs = json.loads((LAPTOP / "figures.json").read_text())["runs"]  # the counts of eigenvalues it quotes
+    top = {name: runs[name]["near_top"] for name in ("cosine-isoloss-ema-s0", "cosine-directpred-ema-s0",
+                                                      "euclidean-isoloss-noema-raw-s0")}
+    assert (f"{top['cosine-isoloss-ema-s0']} of C's 64 eigenvalues" in findings
+            and f"against {top['cosine-directpred-ema-s0']} for DirectPred" in findings
+            and f"holds {top['euclidean-isoloss-noema-raw-s0']} eigenvalues" in " ".join(findings.split()))
+    for page in ("results/fashionmnist-laptop/README.md", "results/toy_linear/README.md", "results/bench/README.md",
+                 "results/gpu/README.md"):
+        assert f"]({page})" in (REPO / "README.md").read_text() and (REPO / page).is_file(), page
+    assert len((REPO / "README.md").read_text()) <= 14_000
 
 
 def test_the_readmes_toy_numbers_are_in_the_committed_summary():
     summary = json.loads((REPO / "results" / "toy_linear" / "summary.json").read_text())
-    quoted = numbers(block("toy-table"))
+    quoted = numbers(block("toy-table", REPO / "results" / "toy_linear" / "README.md"))
     assert len(quoted) > 5 and not sorted(quoted - formatted(summary) - {"1e-9"})
 
 

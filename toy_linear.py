@@ -37,7 +37,7 @@ Exact expectation vs Monte Carlo:
 
 Theory (dashed lines on every linear eigenvalue panel): each mode's eigenvalue evolves on its own,
 lambda_m <- (1 - eta g_m)^2 lambda_m per step, where g_m is the gradient's eigenvalue in that
-mode (METHOD.md section 4 writes the same as the flow d lambda_m/dt = -2 eta g_m lambda_m). For the
+mode (METHOD.md section 4 writes the same as the flow d lambda_m/dn = -2 eta g_m lambda_m). For the
 Euclidean loss this is exact; for the cosine loss it is the mean-field approximation (norms and
 dot products replaced by their expectations). The largest relative deviation between simulation
 and theory is reported per run.

@@ -150,3 +150,11 @@ def test_the_readmes_isoloss_snippet_is_the_training_scripts_loss():
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, torch.autograd.grad(expected, net.weight)[0])
     assert torch.equal(scope["predictor"].C, reference.C) and grad.abs().sum() > 0
+
+
+def test_the_readmes_gpu_times_are_the_committed_dry_run():
+    """The README's GPU times are those of `grid.py --dry-run` over the four data sets, as committed."""
+    dry = (REPO / "results" / "gpu" / "dry-run-h200.txt").read_text()
+    quoted = numbers(block("gpu-time")) - {"2026-11-26"}
+    assert len(quoted) >= 6 and not sorted(quoted - numbers(dry))
+    assert dry.count("steps   here") == 48 and "on one H200 81.4 h" in dry

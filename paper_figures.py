@@ -156,8 +156,10 @@ def collect(job: dict) -> dict | None:
     failed = failed.read_text().strip() if failed.exists() else None
     if not records and not failed:
         return None
+    config = job["dir"] / "config.json"
     run = dict(name=job["name"], method=job["method"], loss=job["loss"], ema=job["ema"], weight_decay=job["wd"],
-               raw_spectrum=job["raw"], command="python " + shlex.join(job["cmds"][0]))
+               raw_spectrum=job["raw"], command="python " + shlex.join(job["cmds"][0]),
+               provenance=json.loads(config.read_text()).get("provenance") if config.exists() else None)
     if not records:  # stopped by a fault within its first epoch: the fault is the result
         return dict(run, step=None, epochs=0, knn=None, linear=None, std=None, mean_share_z=None,
                     collapse_warning=False, near_top=None, near_top_by_step=[], knn_monitor=[], spectrum=[],
@@ -362,8 +364,10 @@ def main(args: Args) -> dict:
               f"{f' --seed {args.seed}' if args.seed else ''}"
               f"{f' --results-dir {args.results_dir}' if args.results_dir else ''}"
               f"{f' --train-args {shlex.quote(args.train_args)}' if args.train_args else ''}`, on {machine}, "
-              f"{time.strftime('%Y-%m-%d')}; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py "
-              "on the test split.")
+              f"{time.strftime('%Y-%m-%d')}"
+              + (f" (it updated {len(found)} of the {len(results)} runs below; each run's machine and commit, where "
+                 "recorded, are in figures.json)" if len(found) < len(results) else "")
+              + "; k-NN (cosine, k = 20) and linear top-1 from linear_eval.py on the test split.")
     if found:  # nothing new: the table and its numbers stay as they are, byte for byte
         common.atomic_write_text(results_dir / "figures.md", table(results, ref, header) + "\n")
         common.atomic_write_text(results_dir / "figures.json", json.dumps(dict(

@@ -72,7 +72,7 @@ def laptop_numbers() -> set[str]:
     known |= formatted(100 * init["knn"]["results"]["k=20"]["top1"]) | formatted(100 * init["offline_linear"]["top1"])
     # each run's numbers, and C's largest eigenvalue at its end
     for r in [*figures["runs"].values(), *second["runs"].values()]:
-        known |= formatted({k: v for k, v in r.items() if k not in ("spectrum", "near_top_by_step")})
+        known |= formatted({k: v for k, v in r.items() if k not in ("spectrum", "near_top_by_step", "provenance")})
         known |= formatted(max(r["spectrum"][-1][1])) if r["spectrum"] else set()
     return known
 

@@ -88,7 +88,7 @@ def test_the_laptop_results_page_is_the_committed_files():
         assert block(name, page).strip() == written.strip(), f"{page}'s {name} is not {LAPTOP / table}"
     quoted = numbers(block("laptop-claims", page))
     assert len(quoted) > 20 and not sorted(quoted - laptop_numbers())
-    for figure in ("knn.png", "fig3.png", "fig7.png", "fig8.png", "ablations.png", "euclidean.png"):
+    for figure in ("knn.png", "fig3.png", "fig4.png", "fig7.png", "fig8.png", "ablations.png", "euclidean.png"):
         assert (LAPTOP / figure).is_file() and f"]({figure})" in page.read_text(), figure
 
 

@@ -194,7 +194,7 @@ def alignment(records: list[dict]) -> dict:
 def fault(r: dict) -> str:
     """A stopped run's fault in a few words: NaN or Inf and the step, or the first sentence of its error line."""
     at = re.search(r"step (\d+)", r["failed"])
-    if "NaN" in r["failed"]:
+    if "NaN or Inf" in r["failed"]:  # a refusal may mention NaN too
         return "NaN or Inf" + (f" by step {at[1]}" if at else "")
     return r["failed"].removeprefix("error: ").split(". ")[0]
 

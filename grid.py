@@ -434,7 +434,7 @@ def estimate(jobs: list[dict], args: Args) -> tuple[str, float]:
            f"per BYOL step on CIFAR-10 at batch {Tb.PRESETS['byol'][1].batch_size}, scaled by FLOPs; "
            f"device views there are not counted, the PIL path at {LOADER_PAIRS_PER_S} pairs/s per loader worker)"
            if paper else "")
-        + ". Evaluation, checkpoints and linear_eval.py add to it (6-11% of each epoch in the laptop runs)."]), \
+        + ". Evaluation, checkpoints and linear_eval.py add to it (7-10% of each epoch in the laptop runs)."]), \
         sum(h200_total.values()) / 3600
 
 

@@ -213,9 +213,11 @@ def table(results: dict, ref: dict | None, header: str) -> str:
     if ref is not None:
         rows.append(f"| random init (same backbone) | 0 | {100 * ref['knn']['results']['k=20']['top1']:.1f} | "
                     f"{100 * ref['offline_linear']['top1']:.1f} | - | - | - | - | - |")
-    aligned = [f"- `{r['name']}`: {r['aligned']} at the end; most {max(c for _, c in r['aligned_by_step'])}, "
-               f"by step {next(s for s, c in r['aligned_by_step'] if c == max(n for _, n in r['aligned_by_step']))}"
+    # the most that aligned, and the first step that reached it (max keeps the first of equal counts)
+    aligned = [(r, max(r["aligned_by_step"], key=lambda step_count: step_count[1]))
                for r in results.values() if r.get("aligned") is not None]
+    aligned = [f"- `{r['name']}`: {r['aligned']} at the end; most {most}, by step {step}"
+               for r, (step, most) in aligned]
     if aligned:  # Fig. 4's number
         rows += ["", "Eigenvectors of C whose alignment cos(u, W u) with the learnable predictor W exceeds 0.9:",
                  *aligned]
